@@ -1,0 +1,6 @@
+import { runPreprocessBench } from './preprocess.ts';
+
+/** Every benchmark prints a table of ratios against a floor measured in the same run, and writes JSON beside it. */
+export async function runBenchmarks(): Promise<void> {
+  await runPreprocessBench();
+}

@@ -1,0 +1,230 @@
+import { writeFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { serve } from '@hono/node-server';
+import { createApp } from '../api/app.ts';
+import { openDb } from '../db/client.ts';
+import { SliceWiseError } from '../lib/errors.ts';
+import { QUEUE_NAMES, type QueueName } from '../queues/names.ts';
+import { buildResults } from '../runs/results.ts';
+import { cancelRun, createRun } from '../runs/service.ts';
+import { getRunRow } from '../runs/store.ts';
+import { startWorkers, DEFAULT_WORKER_QUEUES, type WorkerHost } from '../workers/host.ts';
+import { followRun, painter } from './follow.ts';
+import { openRuntime, type Runtime } from './runtime.ts';
+import { PIPELINE_MODES } from '../runs/input.ts';
+import { TRAINING_MODES } from '../config/schema.ts';
+
+const paint = painter(process.stderr);
+const say = (line: string) => process.stderr.write(line + '\n');
+
+function int(name: string, min = 0) {
+  return (v: string) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
+    return n;
+  };
+}
+
+function queueList(v: string): QueueName[] {
+  const qs = v.split(',').map((s) => s.trim()).filter(Boolean);
+  const bad = qs.filter((q) => !(QUEUE_NAMES as readonly string[]).includes(q));
+  if (bad.length) throw new InvalidArgumentError(`unknown queue(s) ${bad.join(', ')}; known: ${QUEUE_NAMES.join(', ')}`);
+  return qs as QueueName[];
+}
+
+/** Stop on the first signal after finishing what is active; on the second, at once (graphile-worker's manner). */
+function onSignals(describe: () => string, graceful: () => Promise<void>, force: () => Promise<void>) {
+  let count = 0;
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.on(sig, () => {
+      count++;
+      if (count === 1) {
+        say(paint('yellow', `Received ${sig}; ${describe()}, send again to force`));
+        graceful().then(() => process.exit(130), () => process.exit(130));
+      } else {
+        say(paint('red', `Received ${sig} again; stopping now`));
+        force().finally(() => process.exit(130));
+      }
+    });
+  }
+}
+
+async function listen(app: ReturnType<typeof createApp>, port: number, host: string): Promise<{ url: string; close(): Promise<void> }> {
+  return new Promise((res, rej) => {
+    const server = serve({ fetch: app.fetch, port, hostname: host }, (info) => {
+      res({ url: `http://${host}:${info.port}`, close: () => new Promise<void>((r) => server.close(() => r())) });
+    });
+    server.once('error', rej);
+  });
+}
+
+const program = new Command('slicewise')
+  .description('Brain-tumour MRI pipeline on BullMQ: download -> per-patient preprocessing -> splits (-> training -> evaluation -> demo)')
+  .showHelpAfterError();
+
+program
+  .command('pipeline')
+  .description('create a run and follow it to the end (the original run_full_pipeline.py); writes pipeline_results.json here')
+  .addOption(new Option('--mode <mode>', 'which part of the pipeline').choices(PIPELINE_MODES).default('full'))
+  .addOption(new Option('--training-mode <mode>', 'quick | baseline | production').choices(TRAINING_MODES).default('quick'))
+  .option('--skip-download', 'reuse what is already in the data dir', false)
+  .option('--brats-source <src>', 'synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET', 'synthetic')
+  .option('--kaggle-source <src>', 'same forms as --brats-source', 'synthetic')
+  .option('--brats-layout <spec>', 'modality=pattern pairs for other layouts, e.g. flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz')
+  .option('--data-dir <dir>', 'raw data, processed slices, embedded database and Redis files', 'data')
+  .option('--max-patients <n>', 'cap the number of patients', int('--max-patients', 1))
+  .option('--image-size <n>', 'slice size in pixels (default 256)', int('--image-size', 16))
+  .option('--seed <n>', 'seed for subsets, slice sampling and splits (default 42)', int('--seed'))
+  .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port)', int('--port'), 0)
+  .option('--no-workers', 'do not run workers in this process (others consume the queues)')
+  .action(async (o) => {
+    const rt = await openRuntime({ dataDir: o.dataDir, say });
+    let host: WorkerHost | undefined;
+    let api: { url: string; close(): Promise<void> } | undefined;
+    let runId: string | undefined;
+    const shutdown = async (force = false) => {
+      await host?.close(force);
+      await api?.close();
+      await rt.close();
+    };
+    onSignals(
+      () => (runId ? `cancelling run ${runId} and finishing ${host?.activeCount() ?? 0} active job(s)` : 'shutting down'),
+      async () => {
+        if (runId) await cancelRun(rt.ctx, runId).catch(() => {});
+        await shutdown(false);
+      },
+      () => shutdown(true),
+    );
+    try {
+      if (o.workers) host = await startWorkers(rt.ctx);
+      if (rt.embedded) {
+        api = await listen(createApp(rt.ctx), o.port, '127.0.0.1');
+        say(paint('blue', `API ${api.url}  ·  Bull Board ${api.url}/admin/queues`));
+      }
+      const overrides: Record<string, unknown> = {};
+      if (o.seed !== undefined) overrides.seed = o.seed;
+      const data: Record<string, unknown> = {};
+      if (o.maxPatients !== undefined) data.max_patients = o.maxPatients;
+      if (o.imageSize !== undefined) data.image_size = o.imageSize;
+      if (Object.keys(data).length) overrides.data = data;
+      const { run } = await createRun(rt.ctx, {
+        mode: o.mode,
+        trainingMode: o.trainingMode,
+        sources: { brats: o.bratsSource, kaggle: o.kaggleSource, ...(o.bratsLayout ? { bratsLayout: o.bratsLayout } : {}) },
+        skipDownload: o.skipDownload,
+        dataDir: o.dataDir,
+        overrides,
+      });
+      runId = run.id;
+      say(paint('blue', `Run ${run.id}: --mode ${o.mode} --training-mode ${o.trainingMode}; data in ${resolve(o.dataDir)}`));
+      if ((run.sources as { brats: string }).brats.startsWith('synthetic') || (run.sources as { kaggle: string }).kaggle.startsWith('synthetic')) {
+        say(paint('yellow', 'Note: this run uses SYNTHETIC data (slicewise synth), not real scans: its numbers say nothing about real tumours'));
+      }
+      const final = await followRun(rt.ctx, run.id);
+      const results = await buildResults(rt.ctx.db, (await getRunRow(rt.ctx.db, run.id))!);
+      await writeFile('pipeline_results.json', JSON.stringify(results, null, 2) + '\n');
+      if (final.status === 'succeeded') say(paint('green', `Run ${run.id} succeeded in ${results.total_duration_seconds?.toFixed(1)} s; wrote pipeline_results.json`));
+      else say(paint('red', `Run ${run.id} ${final.status}${final.error ? `: ${final.error}` : ''}; wrote pipeline_results.json`));
+      await shutdown();
+      process.exitCode = final.status === 'succeeded' ? 0 : 1;
+    } catch (err) {
+      await shutdown(true);
+      throw err;
+    }
+  });
+
+program
+  .command('api')
+  .description('serve the REST API and Bull Board')
+  .option('--port <n>', 'port', int('--port'), Number(process.env.PORT ?? 8787))
+  .option('--host <host>', 'interface to bind', process.env.HOST ?? '127.0.0.1')
+  .option('--data-dir <dir>', 'default data dir for runs', process.env.SLICEWISE_DATA_DIR ?? 'data')
+  .option('--with-workers', 'also consume the queues in this process', false)
+  .action(async (o) => {
+    const rt = await openRuntime({ dataDir: o.dataDir, say });
+    if (rt.db.kind === 'pglite' && !o.withWorkers) {
+      say(paint('yellow', 'Warning: embedded PGlite serves this process only; workers in other processes cannot record progress. Set DATABASE_URL or use --with-workers.'));
+    }
+    const host = o.withWorkers ? await startWorkers(rt.ctx) : undefined;
+    const api = await listen(createApp(rt.ctx), o.port, o.host);
+    say(paint('green', `API listening on ${api.url}  ·  Bull Board ${api.url}/admin/queues`));
+    onSignals(
+      () => `closing the API${host ? ` and finishing ${host.activeCount()} active job(s)` : ''}`,
+      async () => {
+        await api.close();
+        await host?.close(false);
+        await rt.close();
+      },
+      async () => {
+        await host?.close(true);
+        await rt.close();
+      },
+    );
+  });
+
+program
+  .command('worker')
+  .description('consume queues (start as many as you like, on any machine sharing Redis, Postgres and the data dir)')
+  .option('--queues <list>', `comma-separated, of ${QUEUE_NAMES.join(', ')}`, queueList, DEFAULT_WORKER_QUEUES)
+  .option('--concurrency <n>', 'jobs at once per queue (default: CPU cores for preprocess, 2 otherwise)', int('--concurrency', 1))
+  .option('--data-dir <dir>', 'data dir (must be the same path the API gives runs)', process.env.SLICEWISE_DATA_DIR ?? 'data')
+  .action(async (o) => {
+    if (!process.env.REDIS_URL) throw new SliceWiseError('slicewise worker joins a shared Redis: set REDIS_URL (a private Redis would have no jobs for it)', { status: 400, code: 'needs_redis_url' });
+    const rt = await openRuntime({ dataDir: o.dataDir, needsSharedDb: true, say });
+    const host = await startWorkers(rt.ctx, { queues: o.queues, concurrency: o.concurrency });
+    onSignals(
+      () => `finishing ${host.activeCount()} active job(s)`,
+      async () => {
+        await host.close(false);
+        await rt.close();
+      },
+      async () => {
+        await host.close(true);
+        await rt.close();
+      },
+    );
+  });
+
+const db = program.command('db').description('database tasks');
+db.command('migrate')
+  .description('apply migrations to DATABASE_URL (or the embedded PGlite of --data-dir)')
+  .option('--data-dir <dir>', 'data dir of the embedded database', 'data')
+  .action(async (o) => {
+    const h = await openDb({ pgliteDir: resolve(o.dataDir, 'pglite') });
+    say(paint('green', `Migrations applied to ${h.where}`));
+    await h.close();
+  });
+
+program
+  .command('synth')
+  .description('generate SYNTHETIC BraTS-2020-named cases and Kaggle-like yes/no JPEGs (the offline default source)')
+  .requiredOption('--out <dir>', 'output folder')
+  .option('--patients <n>', 'BraTS cases', int('--patients', 1), 6)
+  .option('--size <XxYxZ>', 'volume size', '96x96x48')
+  .option('--kaggle <n>', 'Kaggle-like images per class', int('--kaggle', 0), 20)
+  .option('--seed <n>', 'seed', int('--seed'), 42)
+  .action(async (o) => {
+    const size = String(o.size).split('x').map(Number);
+    if (size.length !== 3 || size.some((n) => !Number.isInteger(n) || n < 8)) throw new InvalidArgumentError('--size must look like 96x96x48 (each >= 8)');
+    const { synthesize } = await import('../synth/index.ts');
+    const res = await synthesize({ out: resolve(o.out), patients: o.patients, size: size as [number, number, number], kaggleYes: o.kaggle, kaggleNo: o.kaggle, seed: o.seed });
+    say(paint('yellow', `Wrote SYNTHETIC data (not real scans): ${res.patients.length} BraTS-2020-named cases in ${res.bratsDir}, ${res.kaggleImages} Kaggle-like images in ${res.kaggleDir}`));
+  });
+
+program
+  .command('bench')
+  .description('benchmarks (preprocessing per patient vs. the gunzip floor); figures also go to bench/results/')
+  .action(async () => {
+    const { runBenchmarks } = await import('../../bench/index.ts');
+    await runBenchmarks();
+  });
+
+program.parseAsync().catch((err: unknown) => {
+  if (err instanceof SliceWiseError) {
+    say(paint('red', `Error: ${err.message}`));
+    process.exit(err.code === 'redis_missing' ? 2 : 1);
+  }
+  say(paint('red', `Error: ${(err as Error)?.stack ?? String(err)}`));
+  process.exit(1);
+});

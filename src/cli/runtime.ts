@@ -1,0 +1,65 @@
+import { join, resolve } from 'node:path';
+import { createContext, type AppContext } from '../context.ts';
+import { openDb, type DbHandle } from '../db/client.ts';
+import { SliceWiseError } from '../lib/errors.ts';
+import { createLogger } from '../lib/logger.ts';
+import { assertRedisReachable, redactRedisUrl } from '../queues/connection.ts';
+import { installRedisIfPossible, RedisMissingError, startPrivateRedis, type PrivateRedis } from './redis-server.ts';
+
+export interface RuntimeOptions {
+  dataDir: string;
+  /** Refuse the embedded database (for processes that must share one with others). Default: false. */
+  needsSharedDb?: boolean;
+  say?: (line: string) => void;
+}
+
+export interface Runtime {
+  ctx: AppContext;
+  db: DbHandle;
+  /** True when both Redis and the database are this process's own (no REDIS_URL, no DATABASE_URL). */
+  embedded: boolean;
+  close(): Promise<void>;
+}
+
+/** Resolves Redis and the database from the environment, starting private ones where none is given. */
+export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) => console.error(l) }: RuntimeOptions): Promise<Runtime> {
+  dataDir = resolve(dataDir);
+  const logger = createLogger();
+  let privateRedis: PrivateRedis | undefined;
+  let redisUrl = process.env.REDIS_URL;
+  if (redisUrl) {
+    await assertRedisReachable(redisUrl);
+  } else {
+    if (!installRedisIfPossible(say)) throw new RedisMissingError();
+    privateRedis = await startPrivateRedis(dataDir);
+    redisUrl = privateRedis.url;
+    say(`Started a private redis-server at ${redisUrl} (data in ${join(dataDir, 'redis')}); it stops when this command exits`);
+  }
+  if (needsSharedDb && !process.env.DATABASE_URL) {
+    await privateRedis?.stop();
+    throw new SliceWiseError(
+      'this process must share its database with others, and the embedded PGlite serves one process only: set DATABASE_URL=postgres://... (e.g. `docker compose up -d postgres`)',
+      { status: 400, code: 'needs_database_url' },
+    );
+  }
+  let db: DbHandle;
+  try {
+    db = await openDb({ pgliteDir: join(dataDir, 'pglite') });
+  } catch (err) {
+    await privateRedis?.stop();
+    throw err;
+  }
+  say(db.kind === 'pglite' ? `Database: embedded PGlite in ${db.where}` : `Database: ${db.where}`);
+  if (!privateRedis) say(`Redis: ${redactRedisUrl(redisUrl)}`);
+  const ctx = createContext({ db: db.db, redisUrl, dataDir, logger, prefix: process.env.SLICEWISE_QUEUE_PREFIX || undefined });
+  return {
+    ctx,
+    db,
+    embedded: !process.env.REDIS_URL && !process.env.DATABASE_URL,
+    async close() {
+      await ctx.close().catch(() => {});
+      await db.close().catch(() => {});
+      await privateRedis?.stop();
+    },
+  };
+}

@@ -1,0 +1,66 @@
+import { z } from 'zod';
+
+export const TRAINING_MODES = ['quick', 'baseline', 'production'] as const;
+export const STAGES = ['seg_warmup', 'cls_head', 'joint'] as const;
+export type TrainingMode = (typeof TRAINING_MODES)[number];
+export type StageName = (typeof STAGES)[number];
+
+const fraction = z.number().min(0).max(1);
+const obj = z.strictObject;
+
+const Shape = obj({
+  seed: z.number().int(),
+  data: obj({
+    image_size: z.number().int().min(16).max(1024),
+    modalities: z.array(z.string().min(1)).min(1),
+    min_tumor_pixels: z.number().int().min(0),
+    keep_probability: fraction,
+    cls_tumor_pixels: z.number().int().min(0),
+    splits: obj({ train: fraction, val: fraction, test: fraction }),
+    patients: obj({ fraction, min: z.number().int().min(1) }),
+    max_patients: z.number().int().min(1).nullable(),
+    kaggle_image_size: z.number().int().min(16).max(1024).nullable(),
+  }),
+  model: obj({ preset: z.enum(['small', 'medium', 'large']), in_channels: z.number().int().min(1) }),
+  training: obj({
+    epochs: z.number().int().min(1),
+    batch_size: z.number().int().min(1),
+    optimizer: obj({
+      name: z.literal('adamw'),
+      lr: z.number().positive(),
+      weight_decay: z.number().min(0),
+      betas: z.tuple([z.number(), z.number()]),
+      eps: z.number().positive(),
+    }),
+    scheduler: obj({ name: z.enum(['cosine', 'none']), eta_min: z.number().min(0) }),
+    grad_clip: z.number().positive().nullable(),
+    early_stopping: obj({ enabled: z.boolean(), patience: z.number().int().min(1), min_delta: z.number().min(0) }),
+    augmentation: z.enum(['none', 'minimal', 'moderate', 'aggressive']),
+    keep_last_n: z.number().int().min(1),
+  }),
+  // Stage-specific settings (loss weights, trainable parts); the training steps validate their own part.
+  stage: z.record(z.string(), z.unknown()).optional(),
+  workers: obj({ preprocess_attempts: z.number().int().min(1), download_attempts: z.number().int().min(1) }),
+});
+
+/**
+ * The same schema with every key optional at every depth, still strict: one layer (a YAML file, or a run's
+ * overrides) is validated on its own, which is what lets an error name the file that holds the bad key.
+ */
+function deepPartial(schema: z.ZodType): z.ZodType {
+  if (schema instanceof z.ZodObject) {
+    const shape = Object.fromEntries(Object.entries(schema.shape as Record<string, z.ZodType>).map(([k, v]) => [k, deepPartial(v).optional()]));
+    return z.strictObject(shape);
+  }
+  return schema;
+}
+
+export const ConfigSchema = Shape.superRefine((c, ctx) => {
+  const { train, val, test } = c.data.splits;
+  if (Math.abs(train + val + test - 1) > 1e-6) {
+    ctx.addIssue({ code: 'custom', path: ['data', 'splits'], message: `train + val + test must be 1 (is ${train + val + test})` });
+  }
+});
+export const ConfigLayerSchema = deepPartial(Shape);
+
+export type Config = z.infer<typeof ConfigSchema>;

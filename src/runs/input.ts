@@ -1,0 +1,49 @@
+import { z } from 'zod';
+import { TRAINING_MODES } from '../config/schema.ts';
+
+export const PIPELINE_MODES = ['full', 'data-only', 'train-eval', 'demo'] as const;
+export type PipelineMode = (typeof PIPELINE_MODES)[number];
+
+/** A source string must not carry credentials: they would land in job data, Bull Board and the database. */
+const sourceString = z
+  .string()
+  .min(1)
+  .refine(
+    (s) => {
+      if (!/^https?:\/\//i.test(s)) return true;
+      try {
+        const u = new URL(s);
+        return !u.username && !u.password;
+      } catch {
+        return false;
+      }
+    },
+    { message: 'URLs with credentials are refused (they would be stored with the run); use a pre-signed URL or the kaggle: source' },
+  );
+
+export const CreateRunSchema = z.strictObject({
+  mode: z.enum(PIPELINE_MODES).default('data-only'),
+  trainingMode: z.enum(TRAINING_MODES).default('quick'),
+  sources: z
+    .strictObject({
+      /** synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET. Default: synthetic. */
+      brats: sourceString.default('synthetic'),
+      kaggle: sourceString.default('synthetic'),
+      /** modality -> file pattern, as "flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz" or an object. */
+      bratsLayout: z.union([z.string().min(1), z.record(z.string(), z.string().min(1))]).optional(),
+    })
+    .default({ brats: 'synthetic', kaggle: 'synthetic' }),
+  skipDownload: z.boolean().default(false),
+  /** Where raw data, processed slices and outputs go. Default: the server's data dir. */
+  dataDir: z.string().min(1).optional(),
+  /** Per-run config overrides, layered over base -> mode (validated against the config schema). */
+  overrides: z.record(z.string(), z.unknown()).optional(),
+});
+export type CreateRunInput = z.input<typeof CreateRunSchema>;
+export type CreateRunRequest = z.output<typeof CreateRunSchema>;
+
+export const ListRunsQuery = z.strictObject({
+  status: z.enum(['queued', 'running', 'succeeded', 'failed', 'cancelled']).optional(),
+  limit: z.coerce.number().int().min(1).max(200).default(20),
+  offset: z.coerce.number().int().min(0).default(0),
+});

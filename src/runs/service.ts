@@ -1,0 +1,146 @@
+import { randomBytes } from 'node:crypto';
+import { resolve } from 'node:path';
+import { and, asc, count, desc, eq } from 'drizzle-orm';
+import type { AppContext } from '../context.ts';
+import { loadConfig } from '../config/load.ts';
+import { artifacts, kaggleImages, patients, runs, steps, type RunRow } from '../db/schema.ts';
+import { parseSource, describeSource } from '../download/sources.ts';
+import { parseLayout } from '../imaging/layout.ts';
+import { SliceWiseError } from '../lib/errors.ts';
+import { buildRunFlow, stepsForMode } from '../producers/run-flow.ts';
+import { STEP_QUEUE, CANCEL_CHANNEL } from '../queues/names.ts';
+import { closeOpenSteps, finishRun, getRunRow } from './store.ts';
+import { CreateRunSchema, type CreateRunInput } from './input.ts';
+import { buildResults } from './results.ts';
+
+export class RunNotFoundError extends SliceWiseError {
+  constructor(runId: string) {
+    super(`run ${runId} not found`, { status: 404, code: 'run_not_found' });
+    this.name = 'RunNotFoundError';
+  }
+}
+
+/** Sortable by time, readable in a terminal: run-20261126-121500-3fa9c2. */
+export function newRunId(now = new Date()): string {
+  const t = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
+  return `run-${t}-${randomBytes(3).toString('hex')}`;
+}
+
+/** What a run stores about its sources: printable descriptions, never credentials. */
+export interface RunSources {
+  brats: string;
+  kaggle: string;
+  bratsLayout?: Record<string, string>;
+  skipDownload: boolean;
+}
+
+export async function createRun(ctx: AppContext, input: CreateRunInput, { idempotencyKey }: { idempotencyKey?: string } = {}): Promise<{ run: RunRow; created: boolean }> {
+  const req = CreateRunSchema.parse(input);
+  if (idempotencyKey) {
+    const [existing] = await ctx.db.select().from(runs).where(eq(runs.idempotencyKey, idempotencyKey));
+    if (existing) return { run: existing, created: false };
+  }
+  const stepNames = stepsForMode(req.mode);
+  if (stepNames.length === 0) {
+    throw new SliceWiseError(`mode '${req.mode}' needs training and evaluation steps, which this version does not have yet; use --mode data-only`, {
+      status: 501,
+      code: 'mode_not_implemented',
+    });
+  }
+  const config = loadConfig({ trainingMode: req.trainingMode, overrides: req.overrides });
+  // Parse now so a bad source is a 400 at the door, not a failed job a minute later.
+  const brats = describeSource(parseSource(req.sources.brats));
+  const kaggle = describeSource(parseSource(req.sources.kaggle));
+  const bratsLayout = typeof req.sources.bratsLayout === 'string' ? parseLayout(req.sources.bratsLayout) : req.sources.bratsLayout;
+  if (bratsLayout && !bratsLayout.seg) throw new SliceWiseError('sources.bratsLayout needs a seg pattern', { status: 400, code: 'bad_layout' });
+  const sources: RunSources = { brats, kaggle, ...(bratsLayout ? { bratsLayout } : {}), skipDownload: req.skipDownload };
+  const dataDir = resolve(req.dataDir ?? ctx.dataDir);
+  const id = newRunId();
+
+  const inserted = await ctx.db
+    .insert(runs)
+    .values({ id, status: 'queued', mode: req.mode, trainingMode: req.trainingMode, config, sources, dataDir, idempotencyKey: idempotencyKey ?? null })
+    .onConflictDoNothing({ target: runs.idempotencyKey })
+    .returning();
+  if (inserted.length === 0) {
+    // Another request with the same key won the race: answer with its run.
+    const [existing] = await ctx.db.select().from(runs).where(eq(runs.idempotencyKey, idempotencyKey!));
+    return { run: existing!, created: false };
+  }
+  await ctx.db
+    .insert(steps)
+    .values(stepNames.map((name) => ({ runId: id, name, status: 'pending' as const, queue: STEP_QUEUE[name] })))
+    .onConflictDoNothing();
+  try {
+    await ctx.flows.add(buildRunFlow({ runId: id, mode: req.mode, config, dataDir }));
+  } catch (err) {
+    await finishRun(ctx.db, id, 'failed', { message: `could not enqueue the run: ${(err as Error).message}` });
+    throw new SliceWiseError(`could not enqueue run ${id}: ${(err as Error).message}`, { status: 503, code: 'redis_unreachable' });
+  }
+  ctx.logger.info({ runId: id, mode: req.mode, trainingMode: req.trainingMode, brats, kaggle }, `Run ${id} queued (${req.mode}, ${req.trainingMode})`);
+  return { run: inserted[0]!, created: true };
+}
+
+export async function getRunDetail(ctx: AppContext, runId: string) {
+  const run = await getRunRow(ctx.db, runId);
+  if (!run) throw new RunNotFoundError(runId);
+  const stepRows = await ctx.db.select().from(steps).where(eq(steps.runId, runId));
+  const order = stepsForMode(run.mode as never);
+  stepRows.sort((a, b) => order.indexOf(a.name as never) - order.indexOf(b.name as never));
+  const patientRows = await ctx.db.select().from(patients).where(eq(patients.runId, runId)).orderBy(asc(patients.patientId));
+  const [kaggleCounts] = await ctx.db
+    .select({ n: count() })
+    .from(kaggleImages)
+    .where(and(eq(kaggleImages.runId, runId), eq(kaggleImages.status, 'rejected')));
+  return {
+    ...run,
+    steps: stepRows.map((s) => ({
+      name: s.name,
+      status: s.status,
+      queue: s.queue,
+      attempts: s.attempts,
+      startedAt: s.startedAt,
+      finishedAt: s.finishedAt,
+      durationSeconds: s.durationMs == null ? null : s.durationMs / 1000,
+      counts: s.counts,
+      error: s.error,
+      errorDetails: s.errorDetails,
+    })),
+    patients: patientRows.map((p) => ({ patientId: p.patientId, status: p.status, split: p.split, slices: p.slices, tumorSlices: p.tumorSlices, error: p.error })),
+    kaggleRejected: kaggleCounts?.n ?? 0,
+  };
+}
+
+export async function listRuns(ctx: AppContext, { status, limit, offset }: { status?: RunRow['status']; limit: number; offset: number }) {
+  const where = status ? eq(runs.status, status) : undefined;
+  const rows = await ctx.db.select().from(runs).where(where).orderBy(desc(runs.createdAt)).limit(limit).offset(offset);
+  const [total] = await ctx.db.select({ n: count() }).from(runs).where(where);
+  return { runs: rows, total: total?.n ?? 0, limit, offset };
+}
+
+export async function getRunResults(ctx: AppContext, runId: string) {
+  const run = await getRunRow(ctx.db, runId);
+  if (!run) throw new RunNotFoundError(runId);
+  return buildResults(ctx.db, run);
+}
+
+export async function listArtifacts(ctx: AppContext, runId: string) {
+  return ctx.db.select().from(artifacts).where(eq(artifacts.runId, runId));
+}
+
+/**
+ * Cancels a run everywhere: the run is marked cancelled first (so no worker starts another of its jobs), then
+ * every worker process hears it on the cancel channel and aborts the run's active jobs between units of work.
+ */
+export async function cancelRun(ctx: AppContext, runId: string): Promise<RunRow> {
+  const run = await getRunRow(ctx.db, runId);
+  if (!run) throw new RunNotFoundError(runId);
+  if (run.status === 'succeeded' || run.status === 'failed' || run.status === 'cancelled') {
+    throw new SliceWiseError(`run ${runId} is already ${run.status}; nothing to cancel`, { status: 409, code: 'run_finished' });
+  }
+  await finishRun(ctx.db, runId, 'cancelled', { message: 'cancelled by request' });
+  await closeOpenSteps(ctx.db, runId, 'cancelled');
+  await ctx.redis.publish(`${ctx.prefix}:${CANCEL_CHANNEL}`, runId);
+  ctx.logger.info({ runId }, `Run ${runId} cancelled; workers told to stop its jobs`);
+  return (await getRunRow(ctx.db, runId))!;
+}

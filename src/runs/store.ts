@@ -1,0 +1,133 @@
+import { and, eq, inArray, sql } from 'drizzle-orm';
+import type { Db } from '../db/client.ts';
+import { patients, runs, steps, type RunStatus } from '../db/schema.ts';
+
+/**
+ * Run and step bookkeeping. Every write is an upsert or a guarded update, because BullMQ may deliver a job
+ * twice and a worker may die between doing the work and recording it.
+ */
+
+const TERMINAL: RunStatus[] = ['succeeded', 'failed', 'cancelled'];
+
+export async function getRunRow(db: Db, runId: string) {
+  const [row] = await db.select().from(runs).where(eq(runs.id, runId));
+  return row;
+}
+
+export async function markRunRunning(db: Db, runId: string): Promise<void> {
+  await db
+    .update(runs)
+    .set({ status: 'running', startedAt: sql`coalesce(${runs.startedAt}, now())` })
+    .where(and(eq(runs.id, runId), eq(runs.status, 'queued')));
+}
+
+/** Settles a run once: a run already succeeded, failed or cancelled keeps its first verdict. */
+export async function finishRun(db: Db, runId: string, status: 'succeeded' | 'failed' | 'cancelled', error?: { message: string; details?: unknown }): Promise<boolean> {
+  const res = await db
+    .update(runs)
+    .set({ status, finishedAt: new Date(), error: error?.message ?? null, errorDetails: (error?.details ?? null) as never })
+    .where(and(eq(runs.id, runId), sql`${runs.status} not in ('succeeded','failed','cancelled')`))
+    .returning({ id: runs.id });
+  return res.length > 0;
+}
+
+export function isTerminal(status: RunStatus): boolean {
+  return TERMINAL.includes(status);
+}
+
+export async function stepStarted(db: Db, runId: string, step: string, { jobId, attempt }: { jobId?: string; attempt: number }): Promise<void> {
+  await db
+    .update(steps)
+    .set({
+      status: 'running',
+      attempts: sql`greatest(${steps.attempts}, ${attempt})`,
+      jobId: jobId ?? sql`${steps.jobId}`,
+      // The first attempt's start is the step's start: a retry does not reset the clock.
+      startedAt: sql`coalesce(${steps.startedAt}, now())`,
+      error: null,
+    })
+    .where(and(eq(steps.runId, runId), eq(steps.name, step), inArray(steps.status, ['pending', 'running'])));
+}
+
+export async function stepProgress(db: Db, runId: string, step: string, counts: Record<string, number>): Promise<void> {
+  await db
+    .update(steps)
+    .set({ counts: sql`${steps.counts} || ${JSON.stringify(counts)}::jsonb` })
+    .where(and(eq(steps.runId, runId), eq(steps.name, step)));
+}
+
+export async function stepSucceeded(db: Db, runId: string, step: string, counts: Record<string, number> = {}): Promise<void> {
+  await db
+    .update(steps)
+    .set({
+      status: 'success',
+      finishedAt: sql`now()`,
+      startedAt: sql`coalesce(${steps.startedAt}, now())`,
+      durationMs: sql`(extract(epoch from (now() - coalesce(${steps.startedAt}, now()))) * 1000)::int`,
+      counts: sql`${steps.counts} || ${JSON.stringify(counts)}::jsonb`,
+      error: null,
+      errorDetails: null,
+    })
+    .where(and(eq(steps.runId, runId), eq(steps.name, step), inArray(steps.status, ['pending', 'running'])));
+}
+
+export async function stepFailed(
+  db: Db,
+  runId: string,
+  step: string,
+  { message, details, final, status = 'failed' }: { message: string; details?: unknown; final: boolean; status?: 'failed' | 'cancelled' },
+): Promise<void> {
+  await db
+    .update(steps)
+    .set(
+      final
+        ? {
+            status,
+            finishedAt: sql`now()`,
+            durationMs: sql`(extract(epoch from (now() - coalesce(${steps.startedAt}, now()))) * 1000)::int`,
+            error: message,
+            errorDetails: (details ?? null) as never,
+          }
+        : { error: `${message} (will retry)` },
+    )
+    .where(and(eq(steps.runId, runId), eq(steps.name, step), inArray(steps.status, ['pending', 'running'])));
+}
+
+/** Steps still pending or running when a run ends are closed with the run's verdict. */
+export async function closeOpenSteps(db: Db, runId: string, status: 'cancelled' | 'skipped'): Promise<void> {
+  await db
+    .update(steps)
+    .set({ status, finishedAt: sql`case when ${steps.startedAt} is null then null else now() end` })
+    .where(and(eq(steps.runId, runId), inArray(steps.status, ['pending', 'running'])));
+}
+
+export async function upsertPatient(
+  db: Db,
+  row: { runId: string; patientId: string; status: 'pending' | 'done' | 'failed'; slices?: number; tumorSlices?: number; outputDir?: string; error?: string | null },
+): Promise<void> {
+  await db
+    .insert(patients)
+    .values({ ...row, updatedAt: new Date() })
+    .onConflictDoUpdate({
+      target: [patients.runId, patients.patientId],
+      // A patient already done stays done: a late duplicate 'pending' must not undo it.
+      set: {
+        status: sql`case when ${patients.status} = 'done' and excluded.status = 'pending' then ${patients.status} else excluded.status end`,
+        slices: sql`coalesce(excluded.slices, ${patients.slices})`,
+        tumorSlices: sql`coalesce(excluded.tumor_slices, ${patients.tumorSlices})`,
+        outputDir: sql`coalesce(excluded.output_dir, ${patients.outputDir})`,
+        error: sql`excluded.error`,
+        updatedAt: new Date(),
+      },
+    });
+}
+
+export async function countPatients(db: Db, runId: string): Promise<{ done: number; failed: number; total: number }> {
+  const rows = await db
+    .select({ status: patients.status, n: sql<number>`count(*)::int` })
+    .from(patients)
+    .where(eq(patients.runId, runId))
+    .groupBy(patients.status);
+  const by = Object.fromEntries(rows.map((r) => [r.status, Number(r.n)]));
+  return { done: by.done ?? 0, failed: by.failed ?? 0, total: rows.reduce((a, r) => a + Number(r.n), 0) };
+}
