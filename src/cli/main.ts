@@ -41,7 +41,7 @@ function onSignals(describe: () => string, graceful: () => Promise<void>, force:
       count++;
       if (count === 1) {
         say(paint('yellow', `Received ${sig}; ${describe()}, send again to force`));
-        graceful().then(() => process.exit(130), () => process.exit(130));
+        graceful().then(() => process.exit(0), () => process.exit(1));
       } else {
         say(paint('red', `Received ${sig} again; stopping now`));
         force().finally(() => process.exit(130));
@@ -127,7 +127,8 @@ program
       if (final.status === 'succeeded') say(paint('green', `Run ${run.id} succeeded in ${results.total_duration_seconds?.toFixed(1)} s; wrote pipeline_results.json`));
       else say(paint('red', `Run ${run.id} ${final.status}${final.error ? `: ${final.error}` : ''}; wrote pipeline_results.json`));
       await shutdown();
-      process.exitCode = final.status === 'succeeded' ? 0 : 1;
+      // Exit explicitly: a stray timer in a dependency must not keep a finished pipeline hanging.
+      process.exit(final.status === 'succeeded' ? 0 : 1);
     } catch (err) {
       await shutdown(true);
       throw err;

@@ -1,6 +1,7 @@
 import { cpus, hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker, type Job, type Processor } from 'bullmq';
+import type { Redis } from 'ioredis';
 import type { AppContext } from '../context.ts';
 import { createRedis } from '../queues/connection.ts';
 import { CANCEL_CHANNEL, PATIENT_JOB, QUEUE_NAMES, type QueueName } from '../queues/names.ts';
@@ -48,12 +49,19 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
   // Which run each active job belongs to, so a cancel message can find them.
   const active = new Map<string, { worker: Worker; runId: string }>();
   const workers: Worker[] = [];
+  // BullMQ does not close connections it was handed, so this host keeps its own list and closes them itself.
+  const conns: Redis[] = [];
+  const conn = () => {
+    const c = createRedis(ctx.redisUrl);
+    conns.push(c);
+    return c;
+  };
   for (const q of queues) {
     let worker: Worker;
     if (q === 'preprocess') {
       worker = new Worker(q, SANDBOX, {
         ...common,
-        connection: ctx.redis.duplicate(),
+        connection: conn(),
         concurrency: concurrency ?? Math.max(1, cpus().length),
         useWorkerThreads: true,
         // A volume is seconds of CPU in a thread; the main thread keeps renewing the lock meanwhile.
@@ -61,7 +69,7 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
       });
       attachPreprocessBookkeeping(ctx, worker);
     } else if (processors[q]) {
-      worker = new Worker(q, processors[q]!, { ...common, connection: ctx.redis.duplicate(), concurrency: concurrency ?? 2, lockDuration: 60_000 });
+      worker = new Worker(q, processors[q]!, { ...common, connection: conn(), concurrency: concurrency ?? 2, lockDuration: 60_000 });
     } else {
       log.warn(`No processor for queue '${q}' in this version; not consuming it`);
       continue;
@@ -93,6 +101,7 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
     async close(force = false) {
       await sub.quit().catch(() => sub.disconnect());
       await Promise.all(workers.map((w) => w.close(force)));
+      for (const c of conns) c.disconnect();
     },
   };
 }

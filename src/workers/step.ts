@@ -91,6 +91,8 @@ export async function runStep<R>(
     } else if (!cancelled) {
       ctx.logger.warn({ runId, step, jobId: job.id, attempt: job.attemptsMade + 1 }, `${step} of run ${runId} failed on attempt ${job.attemptsMade + 1}, will retry: ${message}`);
     }
+    // An aborted job must not be retried: BullMQ would only start it again to find the run cancelled.
+    if (cancelled && !(err instanceof RunStoppedError)) throw new RunStoppedError(runId, 'cancelled');
     throw err;
   }
 }

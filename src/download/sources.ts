@@ -1,0 +1,131 @@
+import { SliceWiseError } from '../lib/errors.ts';
+
+/**
+ * Where a dataset comes from.
+ *  - synthetic: generated locally by `slicewise synth` (count = patients for BraTS, images per class for Kaggle)
+ *  - path: a local directory (used in place) or archive (.zip / .tar.gz / .tgz / .tar, extracted)
+ *  - https: an archive to download, optionally pinned by sha256
+ *  - kaggle: a Kaggle dataset, downloaded through the Kaggle API with the user's credentials
+ */
+export type Source =
+  | { kind: 'synthetic'; count?: number }
+  | { kind: 'path'; path: string }
+  | { kind: 'https'; url: string; sha256?: string }
+  | { kind: 'kaggle'; owner: string; dataset: string };
+
+export const ACCEPTED_SOURCE_FORMS = [
+  'synthetic',
+  'synthetic:N                      (N = patients for BraTS, images per class for Kaggle)',
+  'path:DIR_OR_ARCHIVE              (a directory used in place, or a .zip/.tar.gz/.tgz/.tar)',
+  'https://HOST/FILE[#sha256=HEX64] (an archive to download, optionally pinned by its sha256)',
+  'kaggle:OWNER/DATASET             (e.g. kaggle:awsaf49/brats20-dataset-training-validation)',
+] as const;
+
+/** Kaggle owner and dataset slugs: letters, digits, '-', '_', '.', not starting with a dot. */
+const SLUG = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$/;
+
+const LOOPBACK_HOSTS = new Set(['127.0.0.1', 'localhost', '[::1]']);
+
+/** True for hosts that plain http is allowed to (loopback only: test servers). */
+export function isLoopbackHost(hostname: string): boolean {
+  return LOOPBACK_HOSTS.has(hostname.toLowerCase()) || /^127\.\d+\.\d+\.\d+$/.test(hostname);
+}
+
+/**
+ * A URL safe to print: no user-info, and query values hidden (signed storage URLs carry their signature
+ * in the query string). Falls back to a coarse redaction for strings that are not URLs.
+ */
+export function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    u.username = '';
+    u.password = '';
+    const keys = [...u.searchParams.keys()];
+    u.search = '';
+    u.hash = '';
+    const query = keys.length ? '?' + [...new Set(keys)].map((k) => `${encodeURIComponent(k)}=...`).join('&') : '';
+    return u.toString() + query;
+  } catch {
+    return url.replace(/\/\/[^/@\s]*@/, '//').replace(/\?.*$/, '?...');
+  }
+}
+
+function badSource(spec: string, reason: string): SliceWiseError {
+  const shown = redactUrl(spec).slice(0, 300);
+  return new SliceWiseError(`bad data source ${JSON.stringify(shown)}: ${reason}. Accepted forms:\n  ${ACCEPTED_SOURCE_FORMS.join('\n  ')}`, {
+    status: 400,
+    code: 'bad_source',
+    details: { source: shown, reason, accepted: ACCEPTED_SOURCE_FORMS.map((f) => f.split(/\s+/)[0]) },
+  });
+}
+
+/**
+ * Parse a source spec:
+ *   `synthetic`, `synthetic:N`, `path:DIR_OR_ARCHIVE`, `https://...[#sha256=<64 hex>]`, `kaggle:OWNER/DATASET`.
+ * Plain `http://` is accepted only for loopback hosts (127.0.0.0/8, localhost, [::1]) so tests can run a
+ * local server; anything else must be https. Throws SliceWiseError(400, 'bad_source') listing the forms.
+ */
+export function parseSource(spec: string): Source {
+  if (typeof spec !== 'string') throw badSource(String(spec), 'not a string');
+  const s = spec.trim();
+  if (s === '') throw badSource(s, 'empty');
+
+  if (s === 'synthetic') return { kind: 'synthetic' };
+  if (s.startsWith('synthetic:')) {
+    const n = s.slice('synthetic:'.length);
+    if (!/^\d{1,6}$/.test(n) || Number(n) < 1) throw badSource(s, `count must be a positive integer (got ${JSON.stringify(n)})`);
+    return { kind: 'synthetic', count: Number(n) };
+  }
+
+  if (s.startsWith('path:')) {
+    const p = s.slice('path:'.length);
+    if (p.trim() === '') throw badSource(s, 'path is empty');
+    return { kind: 'path', path: p };
+  }
+
+  if (s.startsWith('kaggle:')) {
+    const rest = s.slice('kaggle:'.length);
+    const parts = rest.split('/');
+    if (parts.length !== 2 || !SLUG.test(parts[0]!) || !SLUG.test(parts[1]!)) {
+      throw badSource(s, 'expected kaggle:OWNER/DATASET (letters, digits, "-", "_", ".")');
+    }
+    return { kind: 'kaggle', owner: parts[0]!, dataset: parts[1]! };
+  }
+
+  if (/^https?:\/\//i.test(s)) {
+    let u: URL;
+    try {
+      u = new URL(s);
+    } catch {
+      throw badSource(s, 'not a valid URL');
+    }
+    if (u.protocol === 'http:' && !isLoopbackHost(u.hostname)) {
+      throw badSource(s, 'plain http is only accepted for loopback test servers; use https');
+    }
+    if (u.protocol !== 'https:' && u.protocol !== 'http:') throw badSource(s, 'unsupported URL scheme');
+    let sha256: string | undefined;
+    if (u.hash) {
+      const m = /^#sha256=([0-9a-fA-F]{64})$/.exec(u.hash);
+      if (!m) throw badSource(s, 'the only accepted URL fragment is #sha256=<64 hex digits>');
+      sha256 = m[1]!.toLowerCase();
+      u.hash = '';
+    }
+    return sha256 ? { kind: 'https', url: u.toString(), sha256 } : { kind: 'https', url: u.toString() };
+  }
+
+  throw badSource(s, 'unrecognised form');
+}
+
+/** A printable form of a source; never contains credentials (URL user-info and query values are hidden). */
+export function describeSource(s: Source): string {
+  switch (s.kind) {
+    case 'synthetic':
+      return s.count === undefined ? 'synthetic' : `synthetic:${s.count}`;
+    case 'path':
+      return `path:${s.path}`;
+    case 'https':
+      return s.sha256 ? `${redactUrl(s.url)} (sha256 ${s.sha256.slice(0, 12)}...)` : redactUrl(s.url);
+    case 'kaggle':
+      return `kaggle:${s.owner}/${s.dataset}`;
+  }
+}
