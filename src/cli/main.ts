@@ -79,7 +79,7 @@ program
   .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port)', int('--port'), 0)
   .option('--no-workers', 'do not run workers in this process (others consume the queues)')
   .action(async (o) => {
-    const rt = await openRuntime({ dataDir: o.dataDir, say });
+    const rt = await openRuntime({ dataDir: o.dataDir, say, logLevel: process.env.LOG_LEVEL ?? 'warn' });
     let host: WorkerHost | undefined;
     let api: { url: string; close(): Promise<void> } | undefined;
     let runId: string | undefined;

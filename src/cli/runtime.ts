@@ -11,6 +11,8 @@ export interface RuntimeOptions {
   /** Refuse the embedded database (for processes that must share one with others). Default: false. */
   needsSharedDb?: boolean;
   say?: (line: string) => void;
+  /** Default: LOG_LEVEL or 'info'. The pipeline command narrates by itself and only wants warnings. */
+  logLevel?: string;
 }
 
 export interface Runtime {
@@ -22,9 +24,9 @@ export interface Runtime {
 }
 
 /** Resolves Redis and the database from the environment, starting private ones where none is given. */
-export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) => console.error(l) }: RuntimeOptions): Promise<Runtime> {
+export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) => console.error(l), logLevel }: RuntimeOptions): Promise<Runtime> {
   dataDir = resolve(dataDir);
-  const logger = createLogger();
+  const logger = createLogger('slicewise', logLevel ?? process.env.LOG_LEVEL ?? 'info');
   let privateRedis: PrivateRedis | undefined;
   let redisUrl = process.env.REDIS_URL;
   if (redisUrl) {

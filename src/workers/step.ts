@@ -32,8 +32,14 @@ export interface StepOutcome<R> {
 
 const JobData = z.object({ runId: z.string().min(1) }).loose();
 
-export function isFinalAttempt(job: Job, err: unknown): boolean {
+/** Bad input (a 4xx SliceWiseError: a corrupt file, a missing folder) fails the same way on every attempt. */
+export function isPermanent(err: unknown): boolean {
   if (err instanceof UnrecoverableError || (err as Error)?.name === 'UnrecoverableError') return true;
+  return err instanceof SliceWiseError && err.status >= 400 && err.status < 500;
+}
+
+export function isFinalAttempt(job: Job, err: unknown): boolean {
+  if (isPermanent(err)) return true;
   return job.attemptsMade + 1 >= (job.opts.attempts ?? 1);
 }
 
@@ -93,6 +99,7 @@ export async function runStep<R>(
     }
     // An aborted job must not be retried: BullMQ would only start it again to find the run cancelled.
     if (cancelled && !(err instanceof RunStoppedError)) throw new RunStoppedError(runId, 'cancelled');
+    if (isPermanent(err) && !(err instanceof UnrecoverableError)) throw new UnrecoverableError(message);
     throw err;
   }
 }
