@@ -9,7 +9,7 @@ import { dirname, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import * as tar from 'tar';
 import { buildZip } from './helpers/zip.ts';
-import { parseSource, describeSource, ACCEPTED_SOURCE_FORMS } from '../src/download/sources.ts';
+import { parseSource, describeSource, formatSource, ACCEPTED_SOURCE_FORMS } from '../src/download/sources.ts';
 import { downloadFile } from '../src/download/fetch.ts';
 import { extractArchive } from '../src/download/extract.ts';
 import { kaggleCredentials, downloadKaggleDataset } from '../src/download/kaggle-api.ts';
@@ -226,12 +226,25 @@ describe('parseSource / describeSource', () => {
     expect(ACCEPTED_SOURCE_FORMS.length).toBe(5);
   });
 
-  it('never prints credentials', () => {
-    const s = parseSource('https://alice:s3cret@example.org/a.zip?token=t0ps3cret');
-    const d = describeSource(s);
+  it('never prints credentials, and refuses to store them', () => {
+    const d = describeSource({ kind: 'https', url: 'https://alice:s3cret@example.org/a.zip?token=t0ps3cret' });
     expect(d).not.toContain('s3cret');
     expect(d).not.toContain('t0ps3cret');
     expect(d).toContain('example.org/a.zip');
+    for (const spec of ['https://alice:s3cret@example.org/a.zip', 'https://example.org/a.zip?X-Amz-Signature=t0ps3cret', 'https://example.org/a.zip?token=t0ps3cret']) {
+      let refused: Error | undefined;
+      try {
+        parseSource(spec);
+      } catch (e) {
+        refused = e as Error;
+      }
+      expect(refused?.message, spec).toMatch(/credential/);
+      expect(refused!.message).not.toContain('s3cret');
+    }
+    // What a run stores reads back as the same source.
+    const pinned = `https://example.org/a.zip?part=2#sha256=${'ab'.repeat(32)}`;
+    expect(formatSource(parseSource(pinned))).toBe(pinned);
+    expect(parseSource(formatSource(parseSource(pinned)))).toEqual(parseSource(pinned));
     let msg = '';
     try {
       parseSource('http://bob:hunter22@example.org/a.zip');

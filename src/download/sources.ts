@@ -65,6 +65,8 @@ function badSource(spec: string, reason: string): SliceWiseError {
  * Plain `http://` is accepted only for loopback hosts (127.0.0.0/8, localhost, [::1]) so tests can run a
  * local server; anything else must be https. Throws SliceWiseError(400, 'bad_source') listing the forms.
  */
+const CREDENTIAL_PARAM = /^(x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|signature|sig|token|access_token|api_key|apikey|key|password|secret)$/i;
+
 export function parseSource(spec: string): Source {
   if (typeof spec !== 'string') throw badSource(String(spec), 'not a string');
   const s = spec.trim();
@@ -103,6 +105,10 @@ export function parseSource(spec: string): Source {
       throw badSource(s, 'plain http is only accepted for loopback test servers; use https');
     }
     if (u.protocol !== 'https:' && u.protocol !== 'http:') throw badSource(s, 'unsupported URL scheme');
+    // A run stores its sources, and job data, Bull Board and the database must never hold a secret.
+    if (u.username || u.password) throw badSource(s, 'URLs with credentials are refused (they would be stored with the run)');
+    const secretParam = [...u.searchParams.keys()].find((k) => CREDENTIAL_PARAM.test(k));
+    if (secretParam) throw badSource(s, `the URL carries a credential in its query ('${secretParam}'), which would be stored with the run; serve the archive without it or use path:`);
     let sha256: string | undefined;
     if (u.hash) {
       const m = /^#sha256=([0-9a-fA-F]{64})$/.exec(u.hash);
@@ -117,6 +123,23 @@ export function parseSource(spec: string): Source {
 }
 
 /** A printable form of a source; never contains credentials (URL user-info and query values are hidden). */
+/**
+ * The spec form again (parseSource(formatSource(s)) equals s): what a run stores so a worker can rebuild the
+ * source. It holds no credentials: parseSource refuses URLs that carry them.
+ */
+export function formatSource(s: Source): string {
+  switch (s.kind) {
+    case 'synthetic':
+      return s.count === undefined ? 'synthetic' : `synthetic:${s.count}`;
+    case 'path':
+      return `path:${s.path}`;
+    case 'https':
+      return s.sha256 ? `${s.url}#sha256=${s.sha256}` : s.url;
+    case 'kaggle':
+      return `kaggle:${s.owner}/${s.dataset}`;
+  }
+}
+
 export function describeSource(s: Source): string {
   switch (s.kind) {
     case 'synthetic':

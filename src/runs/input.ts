@@ -4,22 +4,8 @@ import { TRAINING_MODES } from '../config/schema.ts';
 export const PIPELINE_MODES = ['full', 'data-only', 'train-eval', 'demo'] as const;
 export type PipelineMode = (typeof PIPELINE_MODES)[number];
 
-/** A source string must not carry credentials: they would land in job data, Bull Board and the database. */
-const sourceString = z
-  .string()
-  .min(1)
-  .refine(
-    (s) => {
-      if (!/^https?:\/\//i.test(s)) return true;
-      try {
-        const u = new URL(s);
-        return !u.username && !u.password;
-      } catch {
-        return false;
-      }
-    },
-    { message: 'URLs with credentials are refused (they would be stored with the run); use a pre-signed URL or the kaggle: source' },
-  );
+/** Parsed (and refused when it carries credentials) by parseSource, so the error lists the accepted forms. */
+const sourceString = z.string().min(1);
 
 export const CreateRunSchema = z.strictObject({
   mode: z.enum(PIPELINE_MODES).default('data-only'),

@@ -4,7 +4,7 @@ import { and, asc, count, desc, eq } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
 import { loadConfig } from '../config/load.ts';
 import { artifacts, kaggleImages, patients, runs, steps, type RunRow } from '../db/schema.ts';
-import { parseSource, describeSource } from '../download/sources.ts';
+import { formatSource, parseSource } from '../download/sources.ts';
 import { parseLayout } from '../imaging/layout.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { buildRunFlow, stepsForMode } from '../producers/run-flow.ts';
@@ -26,7 +26,7 @@ export function newRunId(now = new Date()): string {
   return `run-${t}-${randomBytes(3).toString('hex')}`;
 }
 
-/** What a run stores about its sources: printable descriptions, never credentials. */
+/** What a run stores about its sources: specs that parseSource reads back, never credentials (parseSource refuses them). */
 export interface RunSources {
   brats: string;
   kaggle: string;
@@ -49,8 +49,8 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   }
   const config = loadConfig({ trainingMode: req.trainingMode, overrides: req.overrides });
   // Parse now so a bad source is a 400 at the door, not a failed job a minute later.
-  const brats = describeSource(parseSource(req.sources.brats));
-  const kaggle = describeSource(parseSource(req.sources.kaggle));
+  const brats = formatSource(parseSource(req.sources.brats));
+  const kaggle = formatSource(parseSource(req.sources.kaggle));
   const bratsLayout = typeof req.sources.bratsLayout === 'string' ? parseLayout(req.sources.bratsLayout) : req.sources.bratsLayout;
   if (bratsLayout && !bratsLayout.seg) throw new SliceWiseError('sources.bratsLayout needs a seg pattern', { status: 400, code: 'bad_layout' });
   const sources: RunSources = { brats, kaggle, ...(bratsLayout ? { bratsLayout } : {}), skipDownload: req.skipDownload };

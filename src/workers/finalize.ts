@@ -4,7 +4,7 @@ import type { AppContext } from '../context.ts';
 import { writeJsonAtomic } from '../lib/atomic.ts';
 import { runDir } from '../producers/run-flow.ts';
 import { buildResults } from '../runs/results.ts';
-import { closeOpenSteps, finishRun, getRunRow } from '../runs/store.ts';
+import { closeOpenSteps, finishRun, getRunRow, stepSucceeded } from '../runs/store.ts';
 import { runStep } from './step.ts';
 
 /**
@@ -30,14 +30,17 @@ export function finalizeProcessor(ctx: AppContext) {
     runStep('finalize', ctx, job, token, signal, async ({ run }) => {
       const failures = await job.getIgnoredChildrenFailures();
       const current = (await getRunRow(ctx.db, run.id))!;
+      // This step's own row is settled before the run's: whoever sees the verdict sees every step closed.
+      await stepSucceeded(ctx.db, run.id, 'finalize');
       if (Object.keys(failures).length > 0 && current.status !== 'cancelled') {
         const causes = await Promise.all(Object.entries(failures).map(([key, reason]) => rootCause(ctx, key, reason)));
         // A step already failed the run with its own message; this only covers a worker that died before saying so.
         await finishRun(ctx.db, run.id, 'failed', { message: causes.join('; '), details: { failures: causes } });
-        await closeOpenSteps(ctx.db, run.id, 'skipped');
+      } else if (current.status !== 'failed' && current.status !== 'cancelled') {
+        await finishRun(ctx.db, run.id, 'succeeded');
       }
-      if ((await getRunRow(ctx.db, run.id))!.status !== 'failed' && current.status !== 'cancelled') await finishRun(ctx.db, run.id, 'succeeded');
       const after = (await getRunRow(ctx.db, run.id))!;
+      if (after.status !== 'succeeded') await closeOpenSteps(ctx.db, run.id, after.status === 'cancelled' ? 'cancelled' : 'skipped');
       const file = join(runDir(run.dataDir, run.id), 'pipeline_results.json');
       await writeJsonAtomic(file, await buildResults(ctx.db, after));
       ctx.logger.info({ runId: run.id, status: after.status }, `Run ${run.id} ${after.status}; results in ${file}`);
