@@ -3,7 +3,8 @@ import { createContext, type AppContext } from '../context.ts';
 import { openDb, type DbHandle } from '../db/client.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { createLogger } from '../lib/logger.ts';
-import { assertRedisReachable, redactRedisUrl } from '../queues/connection.ts';
+import { assertRedisReachable } from '../queues/connection.ts';
+import { redactPassword } from '../lib/redact.ts';
 import { installRedisIfPossible, RedisMissingError, startPrivateRedis, type PrivateRedis } from './redis-server.ts';
 
 export interface RuntimeOptions {
@@ -52,7 +53,7 @@ export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) =>
     throw err;
   }
   say(db.kind === 'pglite' ? `Database: embedded PGlite in ${db.where}` : `Database: ${db.where}`);
-  if (!privateRedis) say(`Redis: ${redactRedisUrl(redisUrl)}`);
+  if (!privateRedis) say(`Redis: ${redactPassword(redisUrl)}`);
   const ctx = createContext({ db: db.db, redisUrl, dataDir, logger, prefix: process.env.SLICEWISE_QUEUE_PREFIX || undefined });
   return {
     ctx,

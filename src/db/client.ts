@@ -10,6 +10,7 @@ import pg from 'pg';
 import { PGlite } from '@electric-sql/pglite';
 import * as schema from './schema.ts';
 import { SliceWiseError } from '../lib/errors.ts';
+import { redactPassword } from '../lib/redact.ts';
 
 export type Db = PgDatabase<PgQueryResultHKT, typeof schema>;
 
@@ -33,24 +34,13 @@ export interface OpenDbOptions {
 
 const MIGRATIONS = fileURLToPath(new URL('../../migrations', import.meta.url));
 
-/** A URL safe to print: the password, if any, is replaced by '***'. */
-export function redactUrl(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.password) u.password = '***';
-    return u.toString();
-  } catch {
-    return '<unparseable database URL>';
-  }
-}
-
 export async function openDb({ url = process.env.DATABASE_URL, pgliteDir, migrate = true }: OpenDbOptions = {}): Promise<DbHandle> {
   if (url) {
     const pool = new pg.Pool({ connectionString: url, max: 10 });
     // An idle client that loses its server emits 'error' on the pool; without a listener that kills the process.
     pool.on('error', () => {});
     const db = drizzlePg(pool, { schema }) as unknown as Db;
-    const where = redactUrl(url);
+    const where = redactPassword(url);
     try {
       await pool.query('select 1');
     } catch (err) {

@@ -141,14 +141,6 @@ export function formatSource(s: Source): string {
 }
 
 export function describeSource(s: Source): string {
-  switch (s.kind) {
-    case 'synthetic':
-      return s.count === undefined ? 'synthetic' : `synthetic:${s.count}`;
-    case 'path':
-      return `path:${s.path}`;
-    case 'https':
-      return s.sha256 ? `${redactUrl(s.url)} (sha256 ${s.sha256.slice(0, 12)}...)` : redactUrl(s.url);
-    case 'kaggle':
-      return `kaggle:${s.owner}/${s.dataset}`;
-  }
+  if (s.kind !== 'https') return formatSource(s);
+  return s.sha256 ? `${redactUrl(s.url)} (sha256 ${s.sha256.slice(0, 12)}...)` : redactUrl(s.url);
 }

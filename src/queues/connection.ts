@@ -1,16 +1,6 @@
 import { Redis, type RedisOptions } from 'ioredis';
 import { SliceWiseError } from '../lib/errors.ts';
-
-/** A Redis URL safe to print (password masked). */
-export function redactRedisUrl(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.password) u.password = '***';
-    return u.toString();
-  } catch {
-    return '<unparseable Redis URL>';
-  }
-}
+import { redactPassword } from '../lib/redact.ts';
 
 /**
  * BullMQ needs `maxRetriesPerRequest: null` on worker connections (blocking commands must not be cut short).
@@ -32,10 +22,10 @@ export async function assertRedisReachable(url: string, timeoutMs = 3000): Promi
     await probe.ping();
     const policy = (await probe.config('GET', 'maxmemory-policy').catch(() => [])) as string[];
     if (policy[1] && policy[1] !== 'noeviction') {
-      process.emitWarning(`Redis at ${redactRedisUrl(url)} has maxmemory-policy ${policy[1]}; BullMQ needs noeviction or jobs can vanish`);
+      process.emitWarning(`Redis at ${redactPassword(url)} has maxmemory-policy ${policy[1]}; BullMQ needs noeviction or jobs can vanish`);
     }
   } catch (err) {
-    throw new SliceWiseError(`cannot reach Redis at ${redactRedisUrl(url)}: ${(err as Error).message}. Is redis-server running? (set REDIS_URL, or unset it to let slicewise start a private one)`, {
+    throw new SliceWiseError(`cannot reach Redis at ${redactPassword(url)}: ${(err as Error).message}. Is redis-server running? (set REDIS_URL, or unset it to let slicewise start a private one)`, {
       status: 503,
       code: 'redis_unreachable',
     });
