@@ -1,0 +1,654 @@
+/**
+ * Preprocessing of one BraTS patient into 2-D axial slices (see REFERENCE.md, "BraTS preprocessing"):
+ *
+ * - each modality is z-scored over its whole 3-D volume (background zeros included);
+ * - the mask is label > 0 (whole tumour);
+ * - axial slices are taken along the last axis (z);
+ * - a slice with >= minTumorPixels tumour pixels is always kept, any other slice with probability
+ *   keepProbability, drawn from a PRNG seeded by (seed, patientId) so that a re-run keeps the same slices;
+ * - kept slices are resized to imageSize x imageSize: the image with a separable triangle (bilinear) filter whose
+ *   support widens with the reduction factor when downscaling (anti-aliasing, like Pillow's and roughly like
+ *   skimage's anti_aliasing), mirror-reflected at the borders as skimage's default mode='reflect'; the mask by
+ *   nearest neighbour, then > 0.5.
+ *
+ * Slice orientation: in the output, row r and column c of a slice is voxel (x = c, y = r) of the volume, i.e. a
+ * slice is the volume's x-fastest memory layout read as rows of x. (nibabel's `img[:, :, z]` is the transpose:
+ * its first index is x.)
+ *
+ * Outputs, under outDir/<patientId>/: images.npy (float32, N x H x W for one modality, N x C x H x W for several),
+ * masks.npy (uint8 0/1, N x H x W) and meta.json, written atomically, meta.json last: its presence marks a
+ * complete result.
+ */
+import { readdir, rm } from 'node:fs/promises';
+import { basename, join } from 'node:path';
+import { writeFileAtomic, writeJsonAtomic } from '../lib/atomic.js';
+import { DataFileError, PatientDataError, SliceWiseError } from '../lib/errors.js';
+import type { PatientFiles } from './layout.js';
+import { readNiftiRaw, type RawNiftiVolume } from './nifti.js';
+import { allocNpy } from './npy.js';
+
+export interface PreprocessOptions {
+  /** Output slice size (square). Default 256. */
+  imageSize?: number;
+  /** Modalities stacked as channels, by canonical name. Default ['flair']. */
+  modalities?: string[];
+  /** A slice with at least this many tumour pixels is always kept. Default 100. */
+  minTumorPixels?: number;
+  /** Probability of keeping any other slice. Default 0.3. */
+  keepProbability?: number;
+  /** Seed of the slice sampling, combined with the patient id. Default 42. */
+  seed?: number;
+}
+
+export interface SliceInfo {
+  /** z index of the slice in the original volume. */
+  slice_idx: number;
+  has_tumor: boolean;
+  /** Tumour (label > 0) pixels in the original slice, before resizing. */
+  tumor_pixels: number;
+}
+
+export interface PatientMeta {
+  patient_id: string;
+  source_files: Record<string, string>;
+  original_shape: number[];
+  pixdim: number[];
+  modality: string[];
+  normalize_method: 'zscore';
+  image_size: number;
+  num_slices: number;
+  /** One entry per output slice, in the order of images.npy / masks.npy. */
+  slices: SliceInfo[];
+}
+
+/** Fold a 32-bit value through the MurmurHash3 finaliser (good avalanche). */
+function fmix32(h: number): number {
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  h ^= h >>> 16;
+  return h >>> 0;
+}
+
+/**
+ * Deterministic uniform [0, 1) generator for one patient: FNV-1a of `${seed}:${patientId}` seeds a Weyl sequence
+ * whose states are passed through a 32-bit finaliser.
+ */
+export function patientRng(seed: number, patientId: string): () => number {
+  const key = `${seed}:${patientId}`;
+  let h = 0x811c9dc5;
+  for (let i = 0; i < key.length; i++) {
+    h ^= key.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  let state = fmix32(h >>> 0);
+  return () => {
+    state = (state + 0x9e3779b9) >>> 0;
+    return fmix32(state ^ (state >>> 15)) / 4294967296;
+  };
+}
+
+/**
+ * Resampling taps for one axis, a fixed number per output (`taps`, padded with zero weights): output o reads
+ * idx[o * taps + k] with weight w[o * taps + k].
+ */
+interface AxisTaps {
+  taps: number;
+  idx: Int32Array;
+  w: Float64Array;
+}
+
+function mirror(i: number, n: number): number {
+  if (n === 1) return 0;
+  const period = 2 * (n - 1);
+  i %= period;
+  if (i < 0) i += period;
+  return i < n ? i : period - i;
+}
+
+/**
+ * Triangle-filter taps mapping `inSize` samples to `outSize` (pixel centres aligned: source coordinate
+ * (o + 0.5) * scale - 0.5). Upscaling gives plain bilinear interpolation; downscaling widens the triangle to the
+ * reduction factor, averaging the input pixels an output pixel covers (anti-aliasing). Borders mirror
+ * (d c b | a b c d | c b a). Weights of each output sum to 1.
+ */
+function axisTaps(inSize: number, outSize: number): AxisTaps {
+  const scale = inSize / outSize;
+  const support = Math.max(scale, 1);
+  const lists: { idx: number[]; w: number[] }[] = [];
+  let taps = 2;
+  for (let o = 0; o < outSize; o++) {
+    const c = (o + 0.5) * scale - 0.5;
+    const idx: number[] = [];
+    const w: number[] = [];
+    let sum = 0;
+    for (let i = Math.floor(c - support) + 1; i <= Math.ceil(c + support) - 1; i++) {
+      const wi = 1 - Math.abs(i - c) / support;
+      if (wi <= 0) continue;
+      const j = mirror(i, inSize);
+      const k = idx.indexOf(j);
+      if (k < 0) {
+        idx.push(j);
+        w.push(wi);
+      } else {
+        w[k] += wi;
+      }
+      sum += wi;
+    }
+    for (let k = 0; k < w.length; k++) w[k] /= sum;
+    lists.push({ idx, w });
+    taps = Math.max(taps, idx.length);
+  }
+  const idx = new Int32Array(outSize * taps);
+  const w = new Float64Array(outSize * taps);
+  lists.forEach((l, o) => {
+    for (let k = 0; k < taps; k++) {
+      idx[o * taps + k] = k < l.idx.length ? l.idx[k] : l.idx[0];
+      w[o * taps + k] = k < l.w.length ? l.w[k] : 0;
+    }
+  });
+  return { taps, idx, w };
+}
+
+/** Nearest-neighbour source index per output index (same centre alignment as axisTaps). */
+function nearestIndex(inSize: number, outSize: number): Int32Array {
+  const scale = inSize / outSize;
+  const out = new Int32Array(outSize);
+  for (let o = 0; o < outSize; o++) out[o] = Math.min(inSize - 1, Math.floor((o + 0.5) * scale));
+  return out;
+}
+
+/**
+ * Per-patient resampling plan, computed once and reused for every slice and modality.
+ *
+ * Skull-stripped BraTS volumes are zero outside the brain; outputs whose taps only read zeros are not computed:
+ * for an input run [lo, hi] of possibly non-zero samples, outputs firstOut[lo] .. lastOut[hi] are the only ones
+ * that can be non-zero.
+ */
+interface ResizePlan {
+  nx: number;
+  ny: number;
+  size: number;
+  ax: AxisTaps;
+  ay: AxisTaps;
+  /** firstOut[x]: the first output along x with a tap at an input >= x. */
+  firstOut: Int32Array;
+  /** lastOut[x]: the last output along x with a tap at an input <= x. */
+  lastOut: Int32Array;
+  nnx: Int32Array;
+  nny: Int32Array;
+  /** Horizontal-pass result, ny rows of size; zero outside [rowLo[y], rowHi[y]]. */
+  tmp: Float32Array;
+  rowLo: Int32Array;
+  rowHi: Int32Array;
+}
+
+function resizePlan(nx: number, ny: number, size: number): ResizePlan {
+  const ax = axisTaps(nx, size);
+  const nnx = nearestIndex(nx, size);
+  const firstOut = new Int32Array(nx).fill(size);
+  const lastOut = new Int32Array(nx).fill(-1);
+  for (let o = 0; o < size; o++) {
+    let min = nx;
+    let max = -1;
+    for (let k = 0; k < ax.taps; k++) {
+      if (ax.w[o * ax.taps + k] === 0) continue;
+      const i = ax.idx[o * ax.taps + k];
+      if (i < min) min = i;
+      if (i > max) max = i;
+    }
+    for (let x = 0; x <= max; x++) if (firstOut[x] > o) firstOut[x] = o;
+    for (let x = min; x < nx; x++) if (lastOut[x] < o) lastOut[x] = o;
+  }
+  return {
+    nx,
+    ny,
+    size,
+    ax,
+    ay: ny === nx ? ax : axisTaps(ny, size),
+    firstOut,
+    lastOut,
+    nnx,
+    nny: ny === nx ? nnx : nearestIndex(ny, size),
+    tmp: new Float32Array(ny * size),
+    rowLo: new Int32Array(ny),
+    rowHi: new Int32Array(ny),
+  };
+}
+
+/**
+ * Horizontal pass: ny rows of nx samples -> ny rows of `size` in plan.tmp. Rows go four at a time (one load of
+ * each tap index and weight serves four rows), and only over the outputs that can be non-zero.
+ */
+function horizontal(plan: ResizePlan, src: Float32Array): void {
+  const { nx, ny, size, tmp, rowLo, rowHi, firstOut, lastOut } = plan;
+  const { taps, idx, w } = plan.ax;
+  for (let y0 = 0; y0 < ny; y0 += 4) {
+    const rows = Math.min(4, ny - y0);
+    // Union of the rows' non-zero input stretches.
+    let lo = nx;
+    let hi = -1;
+    for (let y = y0; y < y0 + rows; y++) {
+      const row = y * nx;
+      let l = 0;
+      while (l < nx && src[row + l] === 0) l++;
+      if (l === nx) continue;
+      let h = nx - 1;
+      while (src[row + h] === 0) h--;
+      if (l < lo) lo = l;
+      if (h > hi) hi = h;
+    }
+    const t = y0 * size;
+    if (hi < 0) {
+      tmp.fill(0, t, t + rows * size);
+      for (let y = y0; y < y0 + rows; y++) {
+        rowLo[y] = size;
+        rowHi[y] = -1;
+      }
+      continue;
+    }
+    const a = firstOut[lo];
+    const b = lastOut[hi];
+    for (let y = y0; y < y0 + rows; y++) {
+      rowLo[y] = a;
+      rowHi[y] = b;
+      const ty = y * size;
+      if (a > 0) tmp.fill(0, ty, ty + a);
+      if (b < size - 1) tmp.fill(0, ty + b + 1, ty + size);
+    }
+    if (taps === 2 && rows === 4) {
+      const r0 = y0 * nx;
+      const r1 = r0 + nx;
+      const r2 = r1 + nx;
+      const r3 = r2 + nx;
+      for (let ox = a, j = 2 * a; ox <= b; ox++, j += 2) {
+        const i = idx[j];
+        const k = idx[j + 1];
+        const wi = w[j];
+        const wk = w[j + 1];
+        tmp[t + ox] = wi * src[r0 + i] + wk * src[r0 + k];
+        tmp[t + size + ox] = wi * src[r1 + i] + wk * src[r1 + k];
+        tmp[t + 2 * size + ox] = wi * src[r2 + i] + wk * src[r2 + k];
+        tmp[t + 3 * size + ox] = wi * src[r3 + i] + wk * src[r3 + k];
+      }
+    } else {
+      for (let y = y0; y < y0 + rows; y++) {
+        const row = y * nx;
+        const ty = y * size;
+        for (let ox = a; ox <= b; ox++) {
+          let acc = 0;
+          for (let j = ox * taps, end = j + taps; j < end; j++) acc += w[j] * src[row + idx[j]];
+          tmp[ty + ox] = acc;
+        }
+      }
+    }
+  }
+}
+
+/**
+ * Vertical pass from plan.tmp into out, z-scoring on the way: the taps sum to 1, so scaling them by 1/std and
+ * adding -mean/std equals resizing the z-scored slice. Whole rows are combined (contiguous inner loop); outside
+ * the non-zero columns of the rows read, the output is the z-score of 0.
+ */
+function vertical(plan: ResizePlan, mean: number, invStd: number, out: Float32Array, outOffset: number): void {
+  const { size, tmp, rowLo, rowHi } = plan;
+  const { taps, idx, w } = plan.ay;
+  const shift = -mean * invStd;
+  for (let oy = 0; oy < size; oy++) {
+    const o = outOffset + oy * size;
+    const j = oy * taps;
+    let lo = size;
+    let hi = -1;
+    for (let k = 0; k < taps; k++) {
+      if (w[j + k] === 0) continue;
+      const r = idx[j + k];
+      if (rowLo[r] < lo) lo = rowLo[r];
+      if (rowHi[r] > hi) hi = rowHi[r];
+    }
+    if (lo > hi) {
+      out.fill(shift, o, o + size);
+      continue;
+    }
+    if (lo > 0) out.fill(shift, o, o + lo);
+    if (hi < size - 1) out.fill(shift, o + hi + 1, o + size);
+    const dst = out.subarray(o, o + size);
+    const t0 = tmp.subarray(idx[j] * size, idx[j] * size + size);
+    const t1 = tmp.subarray(idx[j + 1] * size, idx[j + 1] * size + size);
+    const a = w[j] * invStd;
+    const b = w[j + 1] * invStd;
+    for (let x = lo; x <= hi; x++) dst[x] = a * t0[x] + b * t1[x] + shift;
+    for (let k = 2; k < taps; k++) {
+      const c = w[j + k] * invStd;
+      if (c === 0) continue;
+      const tk = tmp.subarray(idx[j + k] * size, idx[j + k] * size + size);
+      for (let x = lo; x <= hi; x++) dst[x] += c * tk[x];
+    }
+  }
+}
+
+/**
+ * Slice z of a volume as float32 with the file's scaling applied: a view when the stored data already is
+ * unscaled float32, otherwise converted into `scratch` (TypedArray#set converts natively). Working slice by slice
+ * keeps every hot loop on Float32Array and avoids a whole-volume float32 copy.
+ */
+function sliceF32(v: RawNiftiVolume, z: number, scratch: Float32Array): Float32Array {
+  const plane = v.dims[0] * v.dims[1];
+  const part = v.raw.subarray(z * plane, (z + 1) * plane);
+  const scaled = v.slope !== 1 || v.inter !== 0;
+  if (part instanceof Float32Array && !scaled) return part;
+  if (!scaled) {
+    scratch.set(part);
+  } else {
+    const { slope, inter } = v;
+    for (let i = 0; i < plane; i++) scratch[i] = part[i] * slope + inter;
+  }
+  return scratch;
+}
+
+/**
+ * Tumour (label > 0) pixels per slice and per row, straight from the stored labels: the label bytes are read as
+ * 32-bit integers, or 64-bit floats for signed and float labels, and a zero word (only zero labels) is skipped at
+ * once; the labels of other words are compared one by one. A 64-bit float also compares equal to 0 when only its
+ * sign bit is set, which for signed and float labels means a last label of -0 or the most negative integer: not
+ * tumour either. Segmentations are mostly zeros, so this is several times faster than converting them. Returns
+ * false (nothing done) when the layout does not allow it (scaling, float64 labels, odd row length).
+ */
+function countTumourRaw(seg: RawNiftiVolume, perSlice: Int32Array, perRow: Int32Array): boolean {
+  const { raw } = seg;
+  const [nx, ny, nz] = seg.dims;
+  const bpe = raw.BYTES_PER_ELEMENT;
+  const rowBytes = nx * bpe;
+  if (seg.slope !== 1 || seg.inter !== 0 || bpe > 4 || rowBytes % 4 !== 0 || raw.byteOffset % 4 !== 0) return false;
+  const unsigned = raw instanceof Uint8Array || raw instanceof Uint16Array || raw instanceof Uint32Array;
+  const rows = ny * nz;
+  if (!unsigned && rowBytes % 8 === 0 && raw.byteOffset % 8 === 0) {
+    const words = new Float64Array(raw.buffer, raw.byteOffset, (rows * rowBytes) >> 3);
+    const wordsPerRow = rowBytes >> 3;
+    const perWord = (8 / bpe) | 0;
+    for (let r = 0, k = 0; r < rows; r++) {
+      let count = 0;
+      for (const end = k + wordsPerRow; k < end; k++) {
+        if (words[k] === 0) continue;
+        for (let e = k * perWord, last = e + perWord; e < last; e++) if (raw[e] > 0) count++;
+      }
+      perRow[r] = count;
+      perSlice[(r / ny) | 0] += count;
+    }
+    return true;
+  }
+  const words = new Int32Array(raw.buffer, raw.byteOffset, (rows * rowBytes) >> 2);
+  const wordsPerRow = rowBytes >> 2;
+  const perWord = (4 / bpe) | 0;
+  for (let r = 0, k = 0; r < rows; r++) {
+    let count = 0;
+    for (const end = k + wordsPerRow; k < end; k++) {
+      if (words[k] === 0) continue;
+      for (let e = k * perWord, last = e + perWord; e < last; e++) if (raw[e] > 0) count++;
+    }
+    perRow[r] = count;
+    perSlice[(r / ny) | 0] += count;
+  }
+  return true;
+}
+
+/** Tumour (label > 0) pixels of one slice, per row into perRow at rowOffset; returns the slice total. */
+function countSlice(labels: Float32Array, nx: number, ny: number, perRow: Int32Array, rowOffset: number): number {
+  let total = 0;
+  for (let y = 0, i = 0; y < ny; y++) {
+    let count = 0;
+    for (const end = i + nx; i < end; i++) if (labels[i] > 0) count++;
+    perRow[rowOffset + y] = count;
+    total += count;
+  }
+  return total;
+}
+
+/**
+ * Nearest-neighbour resize of a label slice into a 0/1 mask (label > 0, which is also "> 0.5" of the binary
+ * mask). `out` is zero-filled: rows whose source row has no tumour are left alone.
+ */
+function maskSlice(plan: ResizePlan, labels: Float32Array, perRow: Int32Array, rowOffset: number, out: Uint8Array, outOffset: number): void {
+  const { nx, size, nnx, nny } = plan;
+  for (let oy = 0; oy < size; oy++) {
+    const y = nny[oy];
+    if (perRow[rowOffset + y] === 0) continue;
+    const row = y * nx;
+    const t = outOffset + oy * size;
+    for (let ox = 0; ox < size; ox++) out[t + ox] = labels[row + nnx[ox]] > 0 ? 1 : 0;
+  }
+}
+
+/**
+ * Mean and population standard deviation of the whole volume (scaling applied), in one pass over Float64
+ * accumulators shifted by a pivot (a voxel's value) against cancellation.
+ *
+ * 8- and 16-bit volumes are read as 32-bit words straight from the stored data: a zero word (the background of
+ * a skull-stripped scan, most of the volume) only adds to a count of zeros. Other volumes go slice by slice
+ * through float32.
+ */
+function volumeStats(v: RawNiftiVolume, scratch: Float32Array): { mean: number; std: number } {
+  const { raw, slope, inter } = v;
+  const n = raw.length;
+  const bpe = raw.BYTES_PER_ELEMENT;
+  let mean: number;
+  let std: number;
+  if (bpe <= 2 && raw.byteOffset % 4 === 0) {
+    // Stored units; the scaling is applied to the result (z-scores do not change, mean and std do).
+    const pivot = raw[n >>> 1];
+    const words = new Int32Array(raw.buffer, raw.byteOffset, (n * bpe) >> 2);
+    const perWord = (4 / bpe) | 0;
+    let zeros = 0;
+    let sum = 0;
+    let sq = 0;
+    for (let k = 0; k < words.length; k++) {
+      if (words[k] === 0) {
+        zeros += perWord;
+        continue;
+      }
+      for (let e = k * perWord, end = e + perWord; e < end; e++) {
+        const a = raw[e] - pivot;
+        sum += a;
+        sq += a * a;
+      }
+    }
+    for (let e = words.length * perWord; e < n; e++) {
+      const a = raw[e] - pivot;
+      sum += a;
+      sq += a * a;
+    }
+    sum -= zeros * pivot;
+    sq += zeros * pivot * pivot;
+    mean = (pivot + sum / n) * slope + inter;
+    std = Math.sqrt(Math.max(0, (sq - (sum * sum) / n) / n)) * Math.abs(slope);
+  } else {
+    // One loop nest in one function called once per volume: hot loops in small functions called per slice get
+    // on-stack-replaced on the first call and then deoptimize at the code after the loop, call after call.
+    const pivot = raw[n >>> 1] * slope + inter;
+    const plane = v.dims[0] * v.dims[1];
+    const even = plane - (plane & 1);
+    let s0 = 0, s1 = 0, q0 = 0, q1 = 0;
+    for (let z = 0; z < v.dims[2]; z++) {
+      const slice = sliceF32(v, z, scratch);
+      for (let i = 0; i < even; i += 2) {
+        const a = slice[i] - pivot;
+        const b = slice[i + 1] - pivot;
+        s0 += a;
+        q0 += a * a;
+        s1 += b;
+        q1 += b * b;
+      }
+      for (let i = even; i < plane; i++) {
+        const a = slice[i] - pivot;
+        s0 += a;
+        q0 += a * a;
+      }
+    }
+    const sum = s0 + s1;
+    const sq = q0 + q1;
+    mean = pivot + sum / n;
+    std = Math.sqrt(Math.max(0, (sq - (sum * sum) / n) / n));
+  }
+  return { mean, std };
+}
+
+function resolveOptions(opts: PreprocessOptions): Required<PreprocessOptions> {
+  const o = {
+    imageSize: opts.imageSize ?? 256,
+    modalities: opts.modalities ?? ['flair'],
+    minTumorPixels: opts.minTumorPixels ?? 100,
+    keepProbability: opts.keepProbability ?? 0.3,
+    seed: opts.seed ?? 42,
+  };
+  const bad = (msg: string): never => {
+    throw new SliceWiseError(`bad preprocessing options: ${msg}`, { status: 400, code: 'bad_options' });
+  };
+  if (!Number.isInteger(o.imageSize) || o.imageSize < 1 || o.imageSize > 4096) bad(`imageSize ${o.imageSize} must be an integer from 1 to 4096`);
+  if (o.modalities.length === 0) bad('modalities is empty');
+  if (new Set(o.modalities).size !== o.modalities.length) bad(`modalities ${o.modalities.join(',')} has duplicates`);
+  if (o.modalities.includes('seg')) bad('seg is the label volume, not an input modality');
+  if (!(o.minTumorPixels >= 0)) bad(`minTumorPixels ${o.minTumorPixels} must be >= 0`);
+  if (!(o.keepProbability >= 0 && o.keepProbability <= 1)) bad(`keepProbability ${o.keepProbability} must be within [0, 1]`);
+  if (!Number.isFinite(o.seed)) bad(`seed ${o.seed} must be a finite number`);
+  return o;
+}
+
+/** The PatientDataError for a modality with no file, naming what was expected and any stray NIfTI files nearby. */
+async function missingFile(patient: PatientFiles, modality: string): Promise<PatientDataError> {
+  const pattern = patient.layout?.[modality];
+  const expected = patient.expected?.[modality];
+  let file: string;
+  let reason: string;
+  if (pattern) {
+    file = join(patient.dir, pattern);
+    reason = `no ${modality} file matching '${pattern}' in ${patient.dir}`;
+  } else if (expected) {
+    file = join(patient.dir, expected);
+    reason = `no ${modality} file (expected ${expected})`;
+  } else if (patient.layout) {
+    file = join(patient.dir, `<${modality}>`);
+    reason = `the dataset layout has no ${modality} entry (it maps ${Object.keys(patient.layout).join(', ')})`;
+  } else {
+    file = join(patient.dir, `<${modality}>`);
+    reason = `no ${modality} file in ${patient.dir}`;
+  }
+  const known = new Set(Object.values(patient.files).map((f) => basename(f)));
+  const strays = await readdir(patient.dir)
+    .then((names) => names.filter((n) => /\.nii(\.gz)?$/i.test(n) && !known.has(n)).sort())
+    .catch(() => [] as string[]);
+  if (strays.length > 0) reason += `; other NIfTI files there: ${strays.slice(0, 5).join(', ')}${strays.length > 5 ? ', ...' : ''}`;
+  return new PatientDataError(patient.patientId, file, reason);
+}
+
+async function readFor(patientId: string, file: string): Promise<RawNiftiVolume> {
+  try {
+    return await readNiftiRaw(file);
+  } catch (err) {
+    if (err instanceof DataFileError) throw new PatientDataError(patientId, err.file, (err.details?.reason as string | undefined) ?? err.message);
+    throw new PatientDataError(patientId, file, (err as Error).message);
+  }
+}
+
+const shapeText = (v: RawNiftiVolume): string => v.dims.join('x');
+
+/** Preprocess one patient into outDir/<patientId>/{images.npy, masks.npy, meta.json}; see the module comment. */
+export async function preprocessPatient(patient: PatientFiles, outDir: string, opts: PreprocessOptions = {}): Promise<PatientMeta> {
+  const o = resolveOptions(opts);
+  const id = patient.patientId;
+  if (!id || id === '.' || id === '..' || /[\\/]/.test(id)) {
+    throw new SliceWiseError(`bad patient id "${id}": it names the output directory and cannot contain a path separator`, { status: 400, code: 'bad_patient_id' });
+  }
+  const needed = [...o.modalities, 'seg'];
+  for (const m of needed) {
+    if (!patient.files[m]) throw await missingFile(patient, m);
+  }
+
+  // Decompression runs on the thread pool: start every read at once. The labels alone decide which slices are
+  // kept, so the masks are made (and written) while the images are still inflating.
+  const segFile = patient.files.seg;
+  const segRead = readFor(id, segFile);
+  const imageReads = Promise.all(o.modalities.map((m) => readFor(id, patient.files[m])));
+  imageReads.catch(() => undefined); // awaited below; do not let an early seg failure leave it unhandled
+  const seg = await segRead;
+  const [nx, ny, nz] = seg.dims;
+  const plane = nx * ny;
+  const scratch = new Float32Array(plane);
+  const tumour = new Int32Array(nz);
+  const perRow = new Int32Array(ny * nz);
+  if (!countTumourRaw(seg, tumour, perRow)) {
+    for (let z = 0; z < nz; z++) tumour[z] = countSlice(sliceF32(seg, z, scratch), nx, ny, perRow, z * ny);
+  }
+
+  // Slice selection: one draw per slice, whether or not it is needed, so each slice's fate depends only on its index.
+  const rng = patientRng(o.seed, id);
+  const kept: number[] = [];
+  for (let z = 0; z < nz; z++) {
+    const r = rng();
+    if (tumour[z] >= o.minTumorPixels || r < o.keepProbability) kept.push(z);
+  }
+  const n = kept.length;
+  const size = o.imageSize;
+  const area = size * size;
+  const plan = resizePlan(nx, ny, size);
+
+  const masks = allocNpy('uint8', [n, size, size]);
+  const slices: SliceInfo[] = [];
+  for (let s = 0; s < n; s++) {
+    const z = kept[s];
+    if (tumour[z] > 0) maskSlice(plan, sliceF32(seg, z, scratch), perRow, z * ny, masks.data, s * area);
+    slices.push({ slice_idx: z, has_tumor: tumour[z] > 0, tumor_pixels: tumour[z] });
+  }
+  const dir = join(outDir, id);
+  // An old meta.json would vouch for arrays we are about to replace: drop it first, write it back last.
+  await rm(join(dir, 'meta.json'), { force: true });
+  const maskWrite = writeFileAtomic(join(dir, 'masks.npy'), masks.file);
+  maskWrite.catch(() => undefined); // awaited below
+
+  const images = await imageReads;
+  for (let c = 0; c < images.length; c++) {
+    const v = images[c];
+    if (v.dims[0] !== nx || v.dims[1] !== ny || v.dims[2] !== nz) {
+      throw new PatientDataError(
+        id,
+        patient.files[o.modalities[c]],
+        `image shape ${shapeText(v)} does not match the seg shape ${shapeText(seg)} of ${basename(segFile)}`,
+      );
+    }
+  }
+  const stats = images.map((v, c) => {
+    const { mean, std } = volumeStats(v, scratch);
+    const file = patient.files[o.modalities[c]];
+    if (!Number.isFinite(mean) || !Number.isFinite(std)) throw new PatientDataError(id, file, 'the volume contains NaN or infinite voxel values');
+    if (std === 0) throw new PatientDataError(id, file, `constant volume (every voxel is ${mean}): the z-score is undefined`);
+    return { mean, invStd: 1 / std };
+  });
+
+  const channels = images.length;
+  const imageShape = channels === 1 ? [n, size, size] : [n, channels, size, size];
+  const out = allocNpy('float32', imageShape);
+  for (let s = 0; s < n; s++) {
+    for (let c = 0; c < channels; c++) {
+      horizontal(plan, sliceF32(images[c], kept[s], scratch));
+      vertical(plan, stats[c].mean, stats[c].invStd, out.data, (s * channels + c) * area);
+    }
+  }
+  await Promise.all([writeFileAtomic(join(dir, 'images.npy'), out.file), maskWrite]);
+
+  const source_files: Record<string, string> = {};
+  for (const m of needed) source_files[m] = patient.files[m];
+  const first = images[0];
+  const meta: PatientMeta = {
+    patient_id: id,
+    source_files,
+    original_shape: [nx, ny, nz],
+    pixdim: [...first.pixdim],
+    modality: [...o.modalities],
+    normalize_method: 'zscore',
+    image_size: size,
+    num_slices: n,
+    slices,
+  };
+
+  await writeJsonAtomic(join(dir, 'meta.json'), meta);
+  return meta;
+}

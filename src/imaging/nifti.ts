@@ -1,0 +1,244 @@
+/**
+ * Reading NIfTI-1 (and NIfTI-2) single-file volumes (.nii, .nii.gz) into a Float32Array.
+ *
+ * Header fields come from nifti-reader-js; decompression is node:zlib (native, on the libuv thread pool, far
+ * faster than a JS inflater), and the voxel conversion uses typed-array views and TypedArray#set, which
+ * converts element types natively, instead of per-voxel DataView calls.
+ */
+import { readFile } from 'node:fs/promises';
+import { gunzip } from 'node:zlib';
+import { promisify } from 'node:util';
+import * as nifti from 'nifti-reader-js';
+import { DataFileError } from '../lib/errors.js';
+
+const gunzipAsync = promisify(gunzip);
+
+export interface NiftiVolume {
+  /** Voxels along x, y, z. */
+  dims: [number, number, number];
+  /** Voxel size along x, y, z (usually mm), as stored in the header. */
+  pixdim: [number, number, number];
+  /** Datatype as stored on disk: uint8, int8, int16, uint16, int32, uint32, float32 or float64. */
+  datatype: string;
+  /** Voxels in file order (x fastest, then y, then z), with scl_slope/scl_inter applied. */
+  data: Float32Array;
+}
+
+export interface RawNiftiVolume {
+  dims: [number, number, number];
+  pixdim: [number, number, number];
+  datatype: string;
+  /** Voxels in file order, in the stored datatype. */
+  raw: NumericArray;
+  /** Scaling to apply: value = raw * slope + inter (1 and 0 when the file has none). */
+  slope: number;
+  inter: number;
+}
+
+export type NumericArray = Uint8Array | Int8Array | Int16Array | Uint16Array | Int32Array | Uint32Array | Float32Array | Float64Array;
+
+interface DatatypeInfo {
+  name: string;
+  bytes: number;
+  view: (buffer: ArrayBufferLike, byteOffset: number, length: number) => NumericArray;
+}
+
+/** The datatypes we convert, by NIfTI datatype code. */
+const SUPPORTED: Record<number, DatatypeInfo> = {
+  2: { name: 'uint8', bytes: 1, view: (b, o, n) => new Uint8Array(b, o, n) },
+  256: { name: 'int8', bytes: 1, view: (b, o, n) => new Int8Array(b, o, n) },
+  4: { name: 'int16', bytes: 2, view: (b, o, n) => new Int16Array(b, o, n) },
+  512: { name: 'uint16', bytes: 2, view: (b, o, n) => new Uint16Array(b, o, n) },
+  8: { name: 'int32', bytes: 4, view: (b, o, n) => new Int32Array(b, o, n) },
+  768: { name: 'uint32', bytes: 4, view: (b, o, n) => new Uint32Array(b, o, n) },
+  16: { name: 'float32', bytes: 4, view: (b, o, n) => new Float32Array(b, o, n) },
+  64: { name: 'float64', bytes: 8, view: (b, o, n) => new Float64Array(b, o, n) },
+};
+
+/** Names of the datatypes we refuse, for the error message. */
+const UNSUPPORTED_NAMES: Record<number, string> = {
+  0: 'unknown',
+  1: 'binary (1 bit)',
+  32: 'complex64',
+  128: 'RGB',
+  1024: 'int64',
+  1280: 'uint64',
+  1536: 'float128',
+  1792: 'complex128',
+  2048: 'complex256',
+  2304: 'RGBA',
+};
+
+const NIFTI1_HEADER_BYTES = 348;
+const NIFTI2_HEADER_BYTES = 540;
+
+function isGzip(buf: Uint8Array): boolean {
+  return buf.length >= 2 && buf[0] === 0x1f && buf[1] === 0x8b;
+}
+
+/**
+ * Output chunk size for inflating `gz` in one piece. The gzip trailer's ISIZE is the uncompressed size (mod 2^32,
+ * of the last member); one chunk of that size means one thread-pool round trip and no final concatenation, about
+ * twice as fast as the 16 KiB default. A corrupt ISIZE only costs speed: it is bounded by deflate's maximum ratio
+ * (~1032:1), and too small a chunk just means more chunks.
+ */
+function gunzipChunkSize(gz: Buffer): number {
+  const min = 64 * 1024;
+  if (gz.length < 18) return min;
+  const isize = gz.readUInt32LE(gz.length - 4);
+  return Math.max(min, Math.min(isize, gz.length * 1100) + 1);
+}
+
+/** A fresh ArrayBuffer holding the first `n` bytes (nifti-reader-js wants an ArrayBuffer that starts at the header). */
+function headerCopy(buf: Buffer, n: number): ArrayBuffer {
+  const len = Math.min(n, buf.length);
+  const out = new ArrayBuffer(len);
+  new Uint8Array(out).set(buf.subarray(0, len));
+  return out;
+}
+
+async function readRaw(file: string): Promise<Buffer> {
+  try {
+    return await readFile(file);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') throw new DataFileError(file, 'file not found');
+    if (code === 'EISDIR') throw new DataFileError(file, 'is a directory, not a NIfTI file');
+    if (code === 'EACCES' || code === 'EPERM') throw new DataFileError(file, 'permission denied');
+    throw new DataFileError(file, `cannot read file: ${(err as Error).message}`);
+  }
+}
+
+/**
+ * Read a NIfTI volume. Every failure is a DataFileError naming the file and saying what is wrong with it.
+ * A 4-D file is accepted only when its 4th and higher dimensions are 1.
+ */
+export async function readNifti(file: string): Promise<NiftiVolume> {
+  return toFloat32(await readNiftiRaw(file));
+}
+
+/**
+ * Read a NIfTI volume without converting it: the voxels in their stored type (native byte order), and the
+ * scaling to apply (value = raw * slope + inter; slope 1, inter 0 when the file has none). For callers that stream
+ * over the data once and can skip a whole-volume float32 copy. Same checks and errors as readNifti.
+ */
+export async function readNiftiRaw(file: string): Promise<RawNiftiVolume> {
+  let raw = await readRaw(file);
+  if (isGzip(raw)) {
+    try {
+      raw = await gunzipAsync(raw, { chunkSize: gunzipChunkSize(raw) });
+    } catch (err) {
+      throw new DataFileError(file, `gzip data is corrupt or truncated: ${(err as Error).message}`);
+    }
+  }
+  return decodeNifti(raw, file);
+}
+
+/**
+ * Decode an uncompressed NIfTI image held in `raw`. `raw` must be ours to change: big-endian data is byte-swapped
+ * in place, and the returned typed array is a view of it whenever the voxels are aligned.
+ */
+function decodeNifti(raw: Buffer, file: string): RawNiftiVolume {
+  if (raw.length < NIFTI1_HEADER_BYTES) {
+    throw new DataFileError(file, `not a NIfTI file: only ${raw.length} bytes, a NIfTI header alone is ${NIFTI1_HEADER_BYTES}`);
+  }
+  const first = headerCopy(raw, NIFTI2_HEADER_BYTES);
+  // Pass the header alone (no extensions, no voxels) so that the library neither parses extensions nor copies data.
+  let header: nifti.NIFTI1 | nifti.NIFTI2;
+  let headerBytes: number;
+  try {
+    if (nifti.isNIFTI1(first)) {
+      headerBytes = NIFTI1_HEADER_BYTES;
+      header = nifti.readHeader(first.slice(0, NIFTI1_HEADER_BYTES));
+    } else if (nifti.isNIFTI2(first)) {
+      headerBytes = NIFTI2_HEADER_BYTES;
+      header = nifti.readHeader(first);
+    } else if (nifti.isNIFTI(first, true)) {
+      throw new DataFileError(file, 'this is the header of a NIfTI .hdr/.img pair; only single-file .nii or .nii.gz is supported');
+    } else {
+      throw new DataFileError(file, 'not a NIfTI file (no NIfTI magic "n+1" or "n+2" in the header)');
+    }
+  } catch (err) {
+    if (err instanceof DataFileError) throw err;
+    throw new DataFileError(file, `not a NIfTI file: ${(err as Error).message}`);
+  }
+
+  const ndim = header.dims[0];
+  if (!Number.isInteger(ndim) || ndim < 1 || ndim > 7) {
+    throw new DataFileError(file, `invalid header: dim[0] is ${ndim}, expected 1 to 7 dimensions`);
+  }
+  const dimAt = (i: number): number => (i <= ndim ? header.dims[i] : 1);
+  const dims: [number, number, number] = [dimAt(1), dimAt(2), dimAt(3)];
+  for (let i = 0; i < 3; i++) {
+    if (!Number.isInteger(dims[i]) || dims[i] < 1) {
+      throw new DataFileError(file, `invalid header: dimension ${i + 1} is ${dims[i]}`);
+    }
+  }
+  const extra: number[] = [];
+  for (let i = 4; i <= ndim; i++) extra.push(header.dims[i]);
+  if (extra.some((d) => d > 1)) {
+    throw new DataFileError(file, `a ${ndim}-D volume (${header.dims.slice(1, ndim + 1).join('x')}) where a 3-D volume was expected`);
+  }
+  const pixAt = (i: number): number => (i <= ndim ? header.pixDims[i] : 1);
+  const pixdim: [number, number, number] = [pixAt(1), pixAt(2), pixAt(3)];
+
+  const code = header.datatypeCode;
+  const info = SUPPORTED[code];
+  if (!info) {
+    const name = UNSUPPORTED_NAMES[code] ?? 'not a NIfTI datatype';
+    throw new DataFileError(
+      file,
+      `unsupported datatype code ${code} (${name}); supported: ${Object.values(SUPPORTED).map((d) => d.name).join(', ')}`,
+    );
+  }
+
+  const n = dims[0] * dims[1] * dims[2];
+  const nbytes = n * info.bytes;
+  // vox_offset is 352 in practice; files that leave it 0 (or otherwise inside the header) mean "just after it".
+  let offset = Math.floor(header.vox_offset);
+  if (!Number.isFinite(offset) || offset < headerBytes) offset = headerBytes + 4;
+  const available = Math.max(0, raw.length - offset);
+  if (available < nbytes) {
+    throw new DataFileError(
+      file,
+      `truncated: header says ${dims.join('x')} ${info.name} (${nbytes} bytes) but only ${available} bytes of voxel data`,
+    );
+  }
+
+  let region: Uint8Array = raw.subarray(offset, offset + nbytes);
+  if (info.bytes > 1 && region.byteOffset % info.bytes !== 0) {
+    // Typed-array views need aligned offsets: one native copy into a fresh buffer.
+    const aligned = new Uint8Array(nbytes);
+    aligned.set(region);
+    region = aligned;
+  }
+  if (!header.littleEndian && info.bytes > 1) {
+    const b = Buffer.from(region.buffer, region.byteOffset, region.byteLength);
+    if (info.bytes === 2) b.swap16();
+    else if (info.bytes === 4) b.swap32();
+    else b.swap64();
+  }
+  const src = info.view(region.buffer, region.byteOffset, n);
+  const slope = header.scl_slope;
+  const inter = Number.isFinite(header.scl_inter) ? header.scl_inter : 0;
+  const scaled = Number.isFinite(slope) && slope !== 0 && !(slope === 1 && inter === 0);
+  return { dims, pixdim, datatype: info.name, raw: src, slope: scaled ? slope : 1, inter: scaled ? inter : 0 };
+}
+
+/** Apply the scaling and convert to float32 (in place when the stored data already is float32). */
+function toFloat32(v: RawNiftiVolume): NiftiVolume {
+  const { raw, slope, inter } = v;
+  const n = raw.length;
+  let data: Float32Array;
+  if (slope !== 1 || inter !== 0) {
+    // Scale from the stored values in double precision (an int32 would lose bits if converted to float32 first).
+    data = raw instanceof Float32Array ? raw : new Float32Array(n);
+    for (let i = 0; i < n; i++) data[i] = raw[i] * slope + inter;
+  } else if (raw instanceof Float32Array) {
+    data = raw;
+  } else {
+    data = new Float32Array(n);
+    data.set(raw);
+  }
+  return { dims: v.dims, pixdim: v.pixdim, datatype: v.datatype, data };
+}

@@ -1,0 +1,615 @@
+import { mkdir, mkdtemp, readFile, rm, writeFile, copyFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { patientRng, preprocessPatient, type PatientMeta } from '../src/imaging/brats.js';
+import { discoverPatients, parseLayout, type BratsLayout, type PatientFiles } from '../src/imaging/layout.js';
+import { readNifti } from '../src/imaging/nifti.js';
+import { readNpy } from '../src/imaging/npy.js';
+import { PatientDataError, SliceWiseError } from '../src/lib/errors.js';
+import { encodeNifti, writeNifti, type NiftiDatatype } from './helpers/nifti-writer.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const FIXTURES = process.env.SLICEWISE_FIXTURES ?? path.resolve(here, '../../shared/fixtures');
+const BRATS = path.join(FIXTURES, 'brats2015-deepmedic');
+const LAYOUT: BratsLayout = { flair: 'Flair_*.nii.gz', seg: 'OTMultiClass.nii.gz' };
+
+let tmp: string;
+beforeAll(async () => {
+  tmp = await mkdtemp(path.join(tmpdir(), 'slicewise-brats-'));
+});
+afterAll(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+async function touch(file: string, content: string | Buffer = ''): Promise<void> {
+  await mkdir(path.dirname(file), { recursive: true });
+  await writeFile(file, content);
+}
+
+async function rejection(p: Promise<unknown>): Promise<unknown> {
+  return p.then(
+    () => {
+      throw new Error('expected a rejection');
+    },
+    (e: unknown) => e,
+  );
+}
+
+/** Expect a PatientDataError naming the patient and the file. */
+async function expectPatientError(p: Promise<unknown>, patientId: string, fileName: string, reason: RegExp): Promise<PatientDataError> {
+  const err = await rejection(p);
+  expect(err).toBeInstanceOf(PatientDataError);
+  const e = err as PatientDataError;
+  expect(e.patientId).toBe(patientId);
+  expect(e.message).toContain(patientId);
+  expect(e.message).toContain(fileName);
+  expect(path.basename(e.file)).toBe(fileName);
+  expect(e.reason).toMatch(reason);
+  expect(e.status).toBe(422);
+  return e;
+}
+
+describe('parseLayout', () => {
+  it('parses modality=pattern entries', () => {
+    expect(parseLayout('flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz')).toEqual(LAYOUT);
+    expect(parseLayout(' FLAIR = a?.nii , seg=b.nii.gz ')).toEqual({ flair: 'a?.nii', seg: 'b.nii.gz' });
+  });
+
+  it.each([
+    ['flair=Flair_*.nii.gz', /no seg entry/],
+    ['flair,seg=x.nii', /bad layout entry "flair"/],
+    ['flair=,seg=x.nii', /bad layout entry "flair=": empty file pattern/],
+    ['flair=a.nii,,seg=x.nii', /empty entry/],
+    ['flair=a.nii,flair=b.nii,seg=x.nii', /bad layout entry "flair=b.nii": modality "flair" given twice/],
+    ['flair=sub/a.nii,seg=x.nii', /bad layout entry "flair=sub\/a.nii".*path separator/],
+    ['fl air=a.nii,seg=x.nii', /bad layout entry "fl air=a.nii"/],
+    ['', /empty layout/],
+  ])('rejects %j', (spec, message) => {
+    let err: unknown;
+    try {
+      parseLayout(spec);
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(SliceWiseError);
+    expect((err as SliceWiseError).status).toBe(400);
+    expect((err as SliceWiseError).code).toBe('bad_layout');
+    expect((err as Error).message).toMatch(message);
+  });
+});
+
+describe('discoverPatients', () => {
+  it('finds BraTS 2020 cases nested as on Kaggle, .nii and .nii.gz', async () => {
+    const root = path.join(tmp, 'kaggle2020');
+    const base = path.join(root, 'BraTS2020_TrainingData', 'MICCAI_BraTS2020_TrainingData');
+    for (const id of ['BraTS20_Training_002', 'BraTS20_Training_001']) {
+      for (const m of ['flair', 't1', 't1ce', 't2', 'seg']) await touch(path.join(base, id, `${id}_${m}.nii`));
+    }
+    await touch(path.join(base, 'name_mapping.csv'), 'x');
+    await touch(path.join(base, 'BraTS20_Training_003', 'BraTS20_Training_003_flair.nii.gz'));
+    await touch(path.join(base, 'BraTS20_Training_003', 'BraTS20_Training_003_seg.nii.gz'));
+    const ps = await discoverPatients(root);
+    expect(ps.map((p) => p.patientId)).toEqual(['BraTS20_Training_001', 'BraTS20_Training_002', 'BraTS20_Training_003']);
+    expect(ps[0].dir).toBe(path.join(base, 'BraTS20_Training_001'));
+    expect(Object.keys(ps[0].files).sort()).toEqual(['flair', 'seg', 't1', 't1ce', 't2']);
+    expect(ps[0].files.t1ce).toBe(path.join(base, 'BraTS20_Training_001', 'BraTS20_Training_001_t1ce.nii'));
+    expect(ps[0].expected?.seg).toBe('BraTS20_Training_001_seg.nii');
+    expect(Object.keys(ps[2].files).sort()).toEqual(['flair', 'seg']);
+    expect(ps[2].expected?.t1).toBe('BraTS20_Training_003_t1.nii.gz');
+  });
+
+  it('returns a patient whose seg is missing (the preprocessing step reports it)', async () => {
+    const root = path.join(tmp, 'missing-seg-2020');
+    const id = 'BraTS20_Training_355';
+    for (const m of ['flair', 't1', 't1ce', 't2']) await touch(path.join(root, id, `${id}_${m}.nii`));
+    await touch(path.join(root, id, 'W39_1998.09.19_Segm.nii'));
+    const [p] = await discoverPatients(root);
+    expect(p.patientId).toBe(id);
+    expect(p.files.seg).toBeUndefined();
+  });
+
+  it('finds BraTS 2021 cases', async () => {
+    const root = path.join(tmp, 'brats2021');
+    for (const id of ['BraTS2021_00002', 'BraTS2021_00000']) {
+      for (const m of ['flair', 't1', 't1ce', 't2', 'seg']) await touch(path.join(root, id, `${id}_${m}.nii.gz`));
+    }
+    const ps = await discoverPatients(root);
+    expect(ps.map((p) => p.patientId)).toEqual(['BraTS2021_00000', 'BraTS2021_00002']);
+    expect(ps[1].files.seg).toBe(path.join(root, 'BraTS2021_00002', 'BraTS2021_00002_seg.nii.gz'));
+  });
+
+  it('finds BraTS 2023 cases and maps t2f/t1n/t1c/t2w to flair/t1/t1ce/t2', async () => {
+    const root = path.join(tmp, 'brats2023');
+    const id = 'BraTS-GLI-00000-000';
+    for (const m of ['t1n', 't1c', 't2w', 't2f', 'seg']) await touch(path.join(root, 'train', id, `${id}-${m}.nii.gz`));
+    const [p] = await discoverPatients(root);
+    expect(p.patientId).toBe(id);
+    expect(p.files).toEqual({
+      t1: path.join(root, 'train', id, `${id}-t1n.nii.gz`),
+      t1ce: path.join(root, 'train', id, `${id}-t1c.nii.gz`),
+      t2: path.join(root, 'train', id, `${id}-t2w.nii.gz`),
+      flair: path.join(root, 'train', id, `${id}-t2f.nii.gz`),
+      seg: path.join(root, 'train', id, `${id}-seg.nii.gz`),
+    });
+    expect(p.expected?.flair).toBe(`${id}-t2f.nii.gz`);
+  });
+
+  it('uses a layout: each directory with a matching file is a patient named after it', async () => {
+    const ps = await discoverPatients(BRATS, LAYOUT);
+    expect(ps.map((p) => p.patientId)).toEqual(['pat0001', 'pat0005']);
+    expect(ps[0].files).toEqual({
+      flair: path.join(BRATS, 'pat0001', 'Flair_subtrMeanDivStd.nii.gz'),
+      seg: path.join(BRATS, 'pat0001', 'OTMultiClass.nii.gz'),
+    });
+    const withT1c = await discoverPatients(BRATS, { ...LAYOUT, t1ce: 'T1c_*.nii.gz' });
+    expect(withT1c[1].files.t1ce).toBe(path.join(BRATS, 'pat0005', 'T1c_subtrMeanDivStd.nii.gz'));
+  });
+
+  it('reports no patients, naming the root and what was tried', async () => {
+    const root = path.join(tmp, 'empty-dataset');
+    await touch(path.join(root, 'readme.txt'), 'x');
+    for (const layout of [undefined, LAYOUT]) {
+      const err = (await rejection(discoverPatients(root, layout))) as SliceWiseError;
+      expect(err).toBeInstanceOf(SliceWiseError);
+      expect(err.status).toBe(422);
+      expect(err.code).toBe('no_patients');
+      expect(err.message).toContain(root);
+      expect(err.message).toContain(layout ? 'flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz' : 'BraTS20_Training_001_flair.nii.gz');
+    }
+    const missing = (await rejection(discoverPatients(path.join(tmp, 'no-such-dir')))) as SliceWiseError;
+    expect(missing.code).toBe('no_patients');
+    expect(missing.message).toMatch(/does not exist/);
+  });
+
+  it('refuses ambiguous layouts and duplicate patient ids', async () => {
+    const root = path.join(tmp, 'ambiguous');
+    await touch(path.join(root, 'p1', 'Flair_a.nii.gz'));
+    await touch(path.join(root, 'p1', 'Flair_b.nii.gz'));
+    const amb = (await rejection(discoverPatients(root, LAYOUT))) as SliceWiseError;
+    expect(amb.code).toBe('ambiguous_layout');
+    expect(amb.message).toContain('Flair_a.nii.gz');
+    expect(amb.message).toContain('Flair_b.nii.gz');
+
+    const dup = path.join(tmp, 'duplicates');
+    await touch(path.join(dup, 'train', 'p1', 'OTMultiClass.nii.gz'));
+    await touch(path.join(dup, 'val', 'p1', 'OTMultiClass.nii.gz'));
+    const err = (await rejection(discoverPatients(dup, LAYOUT))) as SliceWiseError;
+    expect(err.code).toBe('duplicate_patient');
+    expect(err.message).toContain(path.join(dup, 'train', 'p1'));
+    expect(err.message).toContain(path.join(dup, 'val', 'p1'));
+  });
+});
+
+describe('patientRng', () => {
+  it('is deterministic per (seed, patient) and uniform-looking', () => {
+    const a = patientRng(42, 'pat0001');
+    const b = patientRng(42, 'pat0001');
+    const xs = Array.from({ length: 10_000 }, () => a());
+    expect(Array.from({ length: 10_000 }, () => b())).toEqual(xs);
+    expect(xs.every((x) => x >= 0 && x < 1)).toBe(true);
+    const mean = xs.reduce((s, x) => s + x, 0) / xs.length;
+    expect(mean).toBeGreaterThan(0.48);
+    expect(mean).toBeLessThan(0.52);
+    expect(xs.filter((x) => x < 0.3).length / xs.length).toBeCloseTo(0.3, 1);
+    const c = patientRng(42, 'pat0005');
+    const d = patientRng(43, 'pat0001');
+    expect(c()).not.toBe(xs[0]);
+    expect(d()).not.toBe(xs[0]);
+  });
+});
+
+/** Independent per-slice tumour counts from readNifti. */
+async function tumourCounts(segFile: string): Promise<number[]> {
+  const seg = await readNifti(segFile);
+  const plane = seg.dims[0] * seg.dims[1];
+  return Array.from({ length: seg.dims[2] }, (_, z) => {
+    let c = 0;
+    for (let i = z * plane; i < (z + 1) * plane; i++) if (seg.data[i] > 0) c++;
+    return c;
+  });
+}
+
+describe('preprocessPatient on the real fixtures', () => {
+  let patients: PatientFiles[];
+  beforeAll(async () => {
+    patients = await discoverPatients(BRATS, LAYOUT);
+  });
+
+  it.each([
+    ['pat0001', 69],
+    ['pat0005', 70],
+  ])('%s: keeps every slice with >= 100 tumour pixels, writes consistent arrays, deterministic', async (id, atLeast100) => {
+    const patient = patients.find((p) => p.patientId === id)!;
+    const out = path.join(tmp, 'out-fixtures');
+    const meta = await preprocessPatient(patient, out);
+    const counts = await tumourCounts(patient.files.seg);
+
+    expect(meta.patient_id).toBe(id);
+    expect(meta.original_shape).toEqual([240, 240, 155]);
+    expect(meta.pixdim).toEqual([1, 1, 1]);
+    expect(meta.modality).toEqual(['flair']);
+    expect(meta.normalize_method).toBe('zscore');
+    expect(meta.image_size).toBe(256);
+    expect(meta.source_files).toEqual({ flair: patient.files.flair, seg: patient.files.seg });
+    expect(meta.num_slices).toBe(meta.slices.length);
+
+    // Slices with >= 100 tumour pixels: all kept, and there are as many as nibabel counts.
+    expect(meta.slices.filter((s) => s.tumor_pixels >= 100).length).toBe(atLeast100);
+    const big = counts.flatMap((c, z) => (c >= 100 ? [z] : []));
+    expect(meta.slices.filter((s) => s.tumor_pixels >= 100).map((s) => s.slice_idx)).toEqual(big);
+    // Every kept slice's counts match the independent count on the original slice.
+    for (const s of meta.slices) {
+      expect(s.tumor_pixels).toBe(counts[s.slice_idx]);
+      expect(s.has_tumor).toBe(counts[s.slice_idx] > 0);
+    }
+    // Slices in increasing order, and roughly 30 % of the others kept.
+    const idx = meta.slices.map((s) => s.slice_idx);
+    expect([...idx].sort((a, b) => a - b)).toEqual(idx);
+    const others = counts.length - big.length;
+    const keptOthers = meta.slices.length - big.length;
+    expect(keptOthers).toBeGreaterThan(others * 0.15);
+    expect(keptOthers).toBeLessThan(others * 0.45);
+
+    const dir = path.join(out, id);
+    const images = await readNpy(path.join(dir, 'images.npy'));
+    const masks = await readNpy(path.join(dir, 'masks.npy'));
+    expect(images.dtype).toBe('<f4');
+    expect(images.shape).toEqual([meta.num_slices, 256, 256]);
+    expect(masks.dtype).toBe('|u1');
+    expect(masks.shape).toEqual([meta.num_slices, 256, 256]);
+    expect(images.data.every(Number.isFinite)).toBe(true);
+    const area = 256 * 256;
+    let notBinary = 0;
+    const problems: string[] = [];
+    for (let s = 0; s < meta.num_slices; s++) {
+      let ones = 0;
+      for (let i = s * area; i < (s + 1) * area; i++) {
+        const m = masks.data[i];
+        if (m !== 0 && m !== 1) notBinary++;
+        ones += m;
+      }
+      const info = meta.slices[s];
+      // Nearest-neighbour upscaling keeps every source pixel: tumour slices have mask pixels, others none.
+      if (ones > 0 !== info.has_tumor) problems.push(`slice ${info.slice_idx}: ${ones} mask pixels, has_tumor ${info.has_tumor}`);
+      // Upscaling 240 -> 256 copies each source pixel into 1, 2 or 4 output pixels (about (256/240)^2 on average).
+      const tolerance = info.tumor_pixels >= 100 ? 1.3 : 4;
+      if (info.has_tumor && (ones < info.tumor_pixels || ones > info.tumor_pixels * tolerance)) {
+        problems.push(`slice ${info.slice_idx}: ${ones} mask pixels for ${info.tumor_pixels} tumour pixels`);
+      }
+    }
+    expect(notBinary).toBe(0);
+    expect(problems).toEqual([]);
+    const onDisk = JSON.parse(await readFile(path.join(dir, 'meta.json'), 'utf8')) as PatientMeta;
+    expect(onDisk).toEqual(meta);
+
+    // A re-run gives byte-identical files.
+    const before = await Promise.all(['images.npy', 'masks.npy', 'meta.json'].map((f) => readFile(path.join(dir, f))));
+    const again = await preprocessPatient(patient, out);
+    expect(again).toEqual(meta);
+    const after = await Promise.all(['images.npy', 'masks.npy', 'meta.json'].map((f) => readFile(path.join(dir, f))));
+    for (let i = 0; i < 3; i++) expect(after[i].equals(before[i])).toBe(true);
+  });
+
+  it('stacks several modalities as channels (N x C x H x W)', async () => {
+    const [patient] = await discoverPatients(path.join(BRATS, 'pat0001'), { ...LAYOUT, t1ce: 'T1c_*.nii.gz' });
+    const out = path.join(tmp, 'out-multi');
+    const meta = await preprocessPatient(patient, out, { modalities: ['flair', 't1ce'], imageSize: 128 });
+    expect(meta.modality).toEqual(['flair', 't1ce']);
+    const images = await readNpy(path.join(out, 'pat0001', 'images.npy'));
+    expect(images.shape).toEqual([meta.num_slices, 2, 128, 128]);
+    const masks = await readNpy(path.join(out, 'pat0001', 'masks.npy'));
+    expect(masks.shape).toEqual([meta.num_slices, 128, 128]);
+    // Channel 0 is the FLAIR channel of a FLAIR-only run with the same options.
+    const flairOnly = await preprocessPatient(patient, path.join(tmp, 'out-multi-flair'), { imageSize: 128 });
+    expect(flairOnly.slices).toEqual(meta.slices);
+    const single = await readNpy(path.join(tmp, 'out-multi-flair', 'pat0001', 'images.npy'));
+    const area = 128 * 128;
+    expect(Array.from(images.data.subarray(0, area))).toEqual(Array.from(single.data.subarray(0, area)));
+    expect(Array.from(images.data.subarray(2 * area, 3 * area))).toEqual(Array.from(single.data.subarray(area, 2 * area)));
+  });
+});
+
+describe('preprocessPatient on synthetic volumes', () => {
+  /** Write a BraTS-2020-named patient with the given FLAIR and seg arrays. */
+  async function synthPatient(root: string, id: string, dims: number[], flair: ArrayLike<number>, seg: ArrayLike<number>): Promise<PatientFiles> {
+    const dir = path.join(root, id);
+    await mkdir(dir, { recursive: true });
+    await writeNifti(path.join(dir, `${id}_flair.nii.gz`), { dims, datatype: 'int16', data: flair, gzip: true });
+    await writeNifti(path.join(dir, `${id}_seg.nii.gz`), { dims, datatype: 'uint8', data: seg, gzip: true });
+    const [p] = await discoverPatients(root);
+    return p;
+  }
+
+  it('z-scores over the whole volume and keeps orientation (row = y, column = x) when no resize is needed', async () => {
+    const [nx, ny, nz] = [8, 8, 3];
+    const flair = new Int16Array(nx * ny * nz);
+    const seg = new Uint8Array(nx * ny * nz);
+    // Background zeros, a block of tissue, one bright voxel at (x=1, y=5, z=1), tumour label at (x=6, y=2, z=2).
+    for (let z = 0; z < nz; z++) for (let y = 1; y < 7; y++) for (let x = 1; x < 7; x++) flair[x + nx * (y + ny * z)] = 100 + x + 2 * y + 3 * z;
+    flair[1 + nx * (5 + ny * 1)] = 1000;
+    seg[6 + nx * (2 + ny * 2)] = 4;
+    const p = await synthPatient(path.join(tmp, 'synth-identity'), 'BraTS20_Training_010', [nx, ny, nz], flair, seg);
+    const out = path.join(tmp, 'out-identity');
+    const meta = await preprocessPatient(p, out, { imageSize: 8, keepProbability: 1 });
+    expect(meta.slices.map((s) => s.slice_idx)).toEqual([0, 1, 2]);
+    expect(meta.slices.map((s) => s.tumor_pixels)).toEqual([0, 0, 1]);
+    expect(meta.slices.map((s) => s.has_tumor)).toEqual([false, false, true]);
+    const images = await readNpy(path.join(out, p.patientId, 'images.npy'));
+    const masks = await readNpy(path.join(out, p.patientId, 'masks.npy'));
+    // Same size: the output is exactly the z-scored volume.
+    let sum = 0;
+    let sq = 0;
+    for (const v of flair) sum += v;
+    const mean = sum / flair.length;
+    for (const v of flair) sq += (v - mean) ** 2;
+    const std = Math.sqrt(sq / flair.length);
+    for (let i = 0; i < flair.length; i++) expect(images.data[i]).toBeCloseTo((flair[i] - mean) / std, 5);
+    let m = 0;
+    let s2 = 0;
+    for (const v of images.data) m += v;
+    m /= images.data.length;
+    for (const v of images.data) s2 += (v - m) ** 2;
+    expect(m).toBeCloseTo(0, 5);
+    expect(Math.sqrt(s2 / images.data.length)).toBeCloseTo(1, 5);
+    // Orientation: slice 1, row 5, column 1 is the bright voxel; slice 2, row 2, column 6 the tumour.
+    const slice1 = images.data.subarray(64, 128);
+    expect(slice1.indexOf(Math.max(...slice1))).toBe(5 * 8 + 1);
+    expect(Array.from(masks.data.subarray(128, 192)).indexOf(1)).toBe(2 * 8 + 6);
+    expect(Array.from(masks.data).reduce((a, b) => a + b, 0)).toBe(1);
+  });
+
+  it('resizes bilinearly when upscaling and averages when downscaling', async () => {
+    const [nx, ny, nz] = [16, 16, 2];
+    const flair = new Int16Array(nx * ny * nz);
+    for (let z = 0; z < nz; z++) for (let y = 0; y < ny; y++) for (let x = 0; x < nx; x++) flair[x + nx * (y + ny * z)] = 10 * x + (z + 1);
+    const seg = new Uint8Array(nx * ny * nz);
+    const p = await synthPatient(path.join(tmp, 'synth-ramp'), 'BraTS20_Training_011', [nx, ny, nz], flair, seg);
+    let sum = 0;
+    for (const v of flair) sum += v;
+    const mean = sum / flair.length;
+    let sq = 0;
+    for (const v of flair) sq += (v - mean) ** 2;
+    const std = Math.sqrt(sq / flair.length);
+    const raw = (v: number): number => v * std + mean;
+
+    // Upscale 16 -> 32: interior columns follow the ramp at source coordinate (c + 0.5) / 2 - 0.5.
+    const up = path.join(tmp, 'out-up');
+    await preprocessPatient(p, up, { imageSize: 32, keepProbability: 1 });
+    const big = await readNpy(path.join(up, p.patientId, 'images.npy'));
+    for (let c = 1; c < 31; c++) {
+      const x = (c + 0.5) / 2 - 0.5;
+      expect(raw(big.data[10 * 32 + c])).toBeCloseTo(10 * x + 1, 3);
+    }
+    // Mirror at the border: column 0 reads x = -0.25, i.e. 0.75 * x0 + 0.25 * x1.
+    expect(raw(big.data[10 * 32])).toBeCloseTo(0.25 * 10 + 1, 3);
+
+    // Downscale 16 -> 4: each output averages its 4-pixel block with a triangle (linear data keeps its centre value).
+    const down = path.join(tmp, 'out-down');
+    await preprocessPatient(p, down, { imageSize: 4, keepProbability: 1 });
+    const small = await readNpy(path.join(down, p.patientId, 'images.npy'));
+    for (const c of [1, 2]) expect(raw(small.data[4 * 1 + c])).toBeCloseTo(10 * (4 * c + 1.5) + 1, 3);
+    expect(small.data.every(Number.isFinite)).toBe(true);
+  });
+
+  it('matches a direct 2-D evaluation of the filter, zero background skipping included', async () => {
+    // A "brain" of noise in the middle of zeros, with a few isolated voxels near the borders.
+    const [nx, ny, nz] = [20, 18, 2];
+    const flair = new Int16Array(nx * ny * nz);
+    let state = 12345;
+    const rand = (): number => (state = (state * 1103515245 + 12345) % 2147483648) / 2147483648;
+    for (let z = 0; z < nz; z++) for (let y = 5; y < 14; y++) for (let x = 6; x < 15; x++) flair[x + nx * (y + ny * z)] = 100 + Math.floor(rand() * 400);
+    flair[0] = 700;
+    flair[nx - 1 + nx * (ny - 1)] = 300;
+    flair[3 + nx * (17 + ny)] = 50;
+    const seg = new Uint8Array(nx * ny * nz);
+    const p = await synthPatient(path.join(tmp, 'synth-direct'), 'BraTS20_Training_013', [nx, ny, nz], flair, seg);
+    let sum = 0;
+    for (const v of flair) sum += v;
+    const mean = sum / flair.length;
+    let sq = 0;
+    for (const v of flair) sq += (v - mean) ** 2;
+    const std = Math.sqrt(sq / flair.length);
+
+    /** Triangle-filter weights of one axis as a dense matrix [out][in], mirror borders. */
+    const weights = (inSize: number, outSize: number): number[][] => {
+      const scale = inSize / outSize;
+      const support = Math.max(1, scale);
+      return Array.from({ length: outSize }, (_, o) => {
+        const row = new Array<number>(inSize).fill(0);
+        const c = (o + 0.5) * scale - 0.5;
+        for (let i = Math.floor(c - support) - 1; i <= Math.ceil(c + support) + 1; i++) {
+          const w = Math.max(0, 1 - Math.abs(i - c) / support);
+          let j = i;
+          while (j < 0 || j >= inSize) j = j < 0 ? -j : 2 * (inSize - 1) - j;
+          row[j] += w;
+        }
+        const total = row.reduce((a, b) => a + b, 0);
+        return row.map((w) => w / total);
+      });
+    };
+    for (const size of [32, 8, 13]) {
+      const out = path.join(tmp, `out-direct-${size}`);
+      await preprocessPatient(p, out, { imageSize: size, keepProbability: 1 });
+      const images = await readNpy(path.join(out, p.patientId, 'images.npy'));
+      const wx = weights(nx, size);
+      const wy = weights(ny, size);
+      let worst = 0;
+      for (let z = 0; z < nz; z++) {
+        for (let oy = 0; oy < size; oy++) {
+          for (let ox = 0; ox < size; ox++) {
+            let v = 0;
+            for (let y = 0; y < ny; y++) {
+              if (wy[oy][y] === 0) continue;
+              for (let x = 0; x < nx; x++) v += wy[oy][y] * wx[ox][x] * ((flair[x + nx * (y + ny * z)] - mean) / std);
+            }
+            worst = Math.max(worst, Math.abs(images.data[z * size * size + oy * size + ox] - v));
+          }
+        }
+      }
+      expect({ size, worst: worst < 1e-5 }).toEqual({ size, worst: true });
+    }
+  });
+
+  it('counts tumour pixels exactly whatever the label datatype, row length and scaling', async () => {
+    type Case = { name: string; nx: number; datatype: NiftiDatatype; labels: (z: number, i: number) => number; slope?: number; inter?: number };
+    const cases: Case[] = [
+      // 128 as the last byte of an 8-byte group: must count (unsigned labels are read as 32-bit words).
+      { name: 'u8', nx: 8, datatype: 'uint8', labels: (z, i) => (i % 8 === 7 ? 128 : i % 5 === z ? 1 : 0) },
+      { name: 'u8odd', nx: 5, datatype: 'uint8', labels: (z, i) => (i % 3 === z ? 4 : 0) },
+      // -32768 at the top of an 8-byte group: not tumour (signed labels are read as 64-bit floats).
+      { name: 'i16', nx: 8, datatype: 'int16', labels: (z, i) => (i % 4 === 3 ? -32768 : i % 7 === z ? 2 : 0) },
+      { name: 'u16', nx: 8, datatype: 'uint16', labels: (z, i) => (i % 4 === 3 ? 32768 : 0) },
+      { name: 'f32', nx: 8, datatype: 'float32', labels: (z, i) => (i % 2 === 1 ? -0 : i % 6 === z ? 0.5 : 0) },
+      { name: 'f64', nx: 8, datatype: 'float64', labels: (z, i) => (i % 9 === z ? 3 : -1) },
+      { name: 'scaled', nx: 8, datatype: 'uint8', labels: (z, i) => (i % 4 === z ? 1 : 0), slope: 2, inter: -1 },
+    ];
+    for (const c of cases) {
+      const [nx, ny, nz] = [c.nx, 4, 3];
+      const plane = nx * ny;
+      const labels = Array.from({ length: plane * nz }, (_, j) => c.labels(Math.floor(j / plane), j % plane));
+      const expected = Array.from({ length: nz }, (_, z) =>
+        labels.slice(z * plane, (z + 1) * plane).filter((l) => l * (c.slope ?? 1) + (c.inter ?? 0) > 0).length,
+      );
+      const id = `count-${c.name}`;
+      const dir = path.join(tmp, 'synth-count', id);
+      await mkdir(dir, { recursive: true });
+      const flair = Array.from({ length: plane * nz }, (_, j) => j % 11);
+      await writeNifti(path.join(dir, 'Flair_a.nii'), { dims: [nx, ny, nz], datatype: 'int16', data: flair });
+      await writeNifti(path.join(dir, 'OTMultiClass.nii.gz'), {
+        dims: [nx, ny, nz],
+        datatype: c.datatype,
+        data: labels,
+        gzip: true,
+        sclSlope: c.slope,
+        sclInter: c.inter,
+      });
+      const p: PatientFiles = { patientId: id, dir, files: { flair: path.join(dir, 'Flair_a.nii'), seg: path.join(dir, 'OTMultiClass.nii.gz') } };
+      const meta = await preprocessPatient(p, path.join(tmp, 'out-count'), { keepProbability: 1, imageSize: 8 });
+      expect({ name: c.name, counts: meta.slices.map((s) => s.tumor_pixels) }).toEqual({ name: c.name, counts: expected });
+    }
+  });
+
+  it('keepProbability 0 keeps only slices with enough tumour; 1 keeps all', async () => {
+    const [nx, ny, nz] = [12, 12, 10];
+    const flair = Int16Array.from({ length: nx * ny * nz }, (_, i) => (i * 7919) % 500);
+    const seg = new Uint8Array(nx * ny * nz);
+    for (const [z, pixels] of [[2, 5], [4, 20], [7, 1]] as const) for (let i = 0; i < pixels; i++) seg[z * nx * ny + i] = 2;
+    const p = await synthPatient(path.join(tmp, 'synth-keep'), 'BraTS20_Training_012', [nx, ny, nz], flair, seg);
+    const none = await preprocessPatient(p, path.join(tmp, 'out-keep0'), { keepProbability: 0, minTumorPixels: 5, imageSize: 16 });
+    expect(none.slices.map((s) => s.slice_idx)).toEqual([2, 4]);
+    const all = await preprocessPatient(p, path.join(tmp, 'out-keep1'), { keepProbability: 1, imageSize: 16 });
+    expect(all.slices.map((s) => s.slice_idx)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    expect(all.slices.filter((s) => s.has_tumor).map((s) => s.tumor_pixels)).toEqual([5, 20, 1]);
+    const seeded = await preprocessPatient(p, path.join(tmp, 'out-keep-seed'), { keepProbability: 0.5, seed: 7, imageSize: 16 });
+    const rng = patientRng(7, p.patientId);
+    const expected = Array.from({ length: nz }, (_, z) => ({ z, r: rng() })).filter(({ z, r }) => [4].includes(z) || r < 0.5).map(({ z }) => z);
+    expect(seeded.slices.map((s) => s.slice_idx)).toEqual(expected);
+  });
+});
+
+describe('preprocessPatient errors', () => {
+  const dims = [10, 10, 4];
+  const count = 400;
+  const flairData = Int16Array.from({ length: count }, (_, i) => i % 37);
+  const segData = Uint8Array.from({ length: count }, (_, i) => (i % 50 === 0 ? 1 : 0));
+
+  async function layoutPatient(name: string, files: Record<string, Buffer>): Promise<PatientFiles> {
+    const dir = path.join(tmp, 'errors', name, name);
+    await mkdir(dir, { recursive: true });
+    for (const [f, content] of Object.entries(files)) await writeFile(path.join(dir, f), content);
+    const [p] = await discoverPatients(path.dirname(dir), LAYOUT);
+    return p;
+  }
+  const flair = (): Buffer => encodeNifti({ dims, datatype: 'int16', data: flairData, gzip: true });
+  const seg = (d = dims, n = count): Buffer => encodeNifti({ dims: d, datatype: 'uint8', data: segData.subarray(0, n), gzip: true });
+
+  it('corrupt .nii.gz', async () => {
+    const bad = Buffer.concat([Buffer.from([0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 3]), randomBytes(3000)]);
+    const p = await layoutPatient('corrupt01', { 'Flair_x.nii.gz': bad, 'OTMultiClass.nii.gz': seg() });
+    await expectPatientError(preprocessPatient(p, path.join(tmp, 'out-err')), 'corrupt01', 'Flair_x.nii.gz', /^gzip data is corrupt or truncated/);
+  });
+
+  it('truncated volume', async () => {
+    const full = encodeNifti({ dims, datatype: 'int16', data: flairData });
+    const p = await layoutPatient('trunc02', { 'Flair_x.nii.gz': full.subarray(0, 352 + 300), 'OTMultiClass.nii.gz': seg() });
+    await expectPatientError(
+      preprocessPatient(p, path.join(tmp, 'out-err')),
+      'trunc02',
+      'Flair_x.nii.gz',
+      /^truncated: header says 10x10x4 int16 \(800 bytes\) but only 300 bytes of voxel data$/,
+    );
+  });
+
+  it('truncated real fixture (gzip cut in half)', async () => {
+    const gz = await readFile(path.join(BRATS, 'pat0001', 'OTMultiClass.nii.gz'));
+    const p = await layoutPatient('half03', { 'Flair_x.nii.gz': flair(), 'OTMultiClass.nii.gz': gz.subarray(0, gz.length >> 1) });
+    await expectPatientError(preprocessPatient(p, path.join(tmp, 'out-err')), 'half03', 'OTMultiClass.nii.gz', /^gzip data is corrupt or truncated/);
+  });
+
+  it('missing seg file (layout)', async () => {
+    const p = await layoutPatient('noseg04', { 'Flair_x.nii.gz': flair() });
+    const e = await expectPatientError(preprocessPatient(p, path.join(tmp, 'out-err')), 'noseg04', 'OTMultiClass.nii.gz', /^no seg file matching 'OTMultiClass.nii.gz' in /);
+    expect(e.reason).toContain(p.dir);
+  });
+
+  it('missing seg file (BraTS 2020 names), pointing at the stray file', async () => {
+    const root = path.join(tmp, 'errors', 'kaggle355');
+    const id = 'BraTS20_Training_355';
+    const dir = path.join(root, id);
+    await mkdir(dir, { recursive: true });
+    await writeFile(path.join(dir, `${id}_flair.nii`), encodeNifti({ dims, datatype: 'int16', data: flairData }));
+    await writeFile(path.join(dir, 'W39_1998.09.19_Segm.nii'), encodeNifti({ dims, datatype: 'uint8', data: segData }));
+    const [p] = await discoverPatients(root);
+    const e = await expectPatientError(preprocessPatient(p, path.join(tmp, 'out-err')), id, `${id}_seg.nii`, /^no seg file \(expected BraTS20_Training_355_seg.nii\)/);
+    expect(e.reason).toContain('W39_1998.09.19_Segm.nii');
+  });
+
+  it('missing modality', async () => {
+    const p = await layoutPatient('not1c05', { 'Flair_x.nii.gz': flair(), 'OTMultiClass.nii.gz': seg() });
+    const withT1c = { ...p, layout: { ...p.layout, t1ce: 'T1c_*.nii.gz' } };
+    await expectPatientError(
+      preprocessPatient(withT1c, path.join(tmp, 'out-err'), { modalities: ['flair', 't1ce'] }),
+      'not1c05',
+      'T1c_*.nii.gz',
+      /^no t1ce file matching 'T1c_\*.nii.gz'/,
+    );
+  });
+
+  it('modality absent from the layout', async () => {
+    const p = await layoutPatient('nolayout09', { 'Flair_x.nii.gz': flair(), 'OTMultiClass.nii.gz': seg() });
+    const err = (await rejection(preprocessPatient(p, path.join(tmp, 'out-err'), { modalities: ['t2'] }))) as PatientDataError;
+    expect(err).toBeInstanceOf(PatientDataError);
+    expect(err.message).toContain('nolayout09');
+    expect(err.reason).toBe('the dataset layout has no t2 entry (it maps flair, seg)');
+  });
+
+  it('image and seg shapes differ', async () => {
+    const p = await layoutPatient('shape06', { 'Flair_x.nii.gz': flair(), 'OTMultiClass.nii.gz': seg([10, 10, 3], 300) });
+    await expectPatientError(
+      preprocessPatient(p, path.join(tmp, 'out-err')),
+      'shape06',
+      'Flair_x.nii.gz',
+      /image shape 10x10x4 does not match the seg shape 10x10x3 of OTMultiClass.nii.gz/,
+    );
+  });
+
+  it('constant volume (std 0)', async () => {
+    const constant = encodeNifti({ dims, datatype: 'int16', data: new Int16Array(count).fill(5), gzip: true });
+    const p = await layoutPatient('flat07', { 'Flair_x.nii.gz': constant, 'OTMultiClass.nii.gz': seg() });
+    await expectPatientError(preprocessPatient(p, path.join(tmp, 'out-err')), 'flat07', 'Flair_x.nii.gz', /constant volume.*z-score/);
+  });
+
+  it('a failed re-run leaves no meta.json vouching for old arrays', async () => {
+    const p = await layoutPatient('rerun08', { 'Flair_x.nii.gz': flair(), 'OTMultiClass.nii.gz': seg() });
+    const out = path.join(tmp, 'out-rerun');
+    await preprocessPatient(p, out, { imageSize: 16 });
+    expect(existsSync(path.join(out, 'rerun08', 'meta.json'))).toBe(true);
+    await copyFile(path.join(BRATS, 'pat0001', 'License_CC_BY_NC_SA_3.0.txt'), p.files.flair);
+    await expectPatientError(preprocessPatient(p, out, { imageSize: 16 }), 'rerun08', 'Flair_x.nii.gz', /not a NIfTI file/);
+    expect(existsSync(path.join(out, 'rerun08', 'meta.json'))).toBe(false);
+  });
+});

@@ -1,0 +1,322 @@
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { gzipSync } from 'node:zlib';
+import { randomBytes } from 'node:crypto';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { readNifti, readNiftiRaw } from '../src/imaging/nifti.js';
+import { allocNpy, decodeNpy, encodeNpy, readNpy } from '../src/imaging/npy.js';
+import { DataFileError } from '../src/lib/errors.js';
+import { encodeNifti, writeNifti, type NiftiDatatype } from './helpers/nifti-writer.js';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const FIXTURES = process.env.SLICEWISE_FIXTURES ?? path.resolve(here, '../../shared/fixtures');
+const BRATS = path.join(FIXTURES, 'brats2015-deepmedic');
+
+let tmp: string;
+beforeAll(async () => {
+  tmp = await mkdtemp(path.join(tmpdir(), 'slicewise-nifti-'));
+});
+afterAll(async () => {
+  await rm(tmp, { recursive: true, force: true });
+});
+
+/** Expect `p` to reject with a DataFileError for `file` whose reason matches `reason`. */
+async function expectDataFileError(p: Promise<unknown>, file: string, reason: RegExp | string): Promise<DataFileError> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(DataFileError);
+  const e = err as DataFileError;
+  expect(e.file).toBe(file);
+  expect(e.message).toContain(file);
+  if (typeof reason === 'string') expect(e.details?.reason).toContain(reason);
+  else expect(String(e.details?.reason)).toMatch(reason);
+  expect(e.status).toBe(422);
+  return e;
+}
+
+/** Per axial slice (last axis), the number of voxels with label > 0. */
+function tumourPerSlice(data: Float32Array, dims: [number, number, number]): number[] {
+  const plane = dims[0] * dims[1];
+  const out: number[] = [];
+  for (let z = 0; z < dims[2]; z++) {
+    let c = 0;
+    for (let i = z * plane; i < (z + 1) * plane; i++) if (data[i] > 0) c++;
+    out.push(c);
+  }
+  return out;
+}
+
+describe('readNifti on the real BraTS 2015 fixtures', () => {
+  it.each([
+    ['pat0001', 74, 69],
+    ['pat0005', 76, 70],
+  ])('%s: geometry and tumour slice counts match nibabel', async (pat, withTumour, atLeast100) => {
+    const seg = await readNifti(path.join(BRATS, pat, 'OTMultiClass.nii.gz'));
+    expect(seg.dims).toEqual([240, 240, 155]);
+    expect(seg.pixdim).toEqual([1, 1, 1]);
+    expect(seg.datatype).toBe('float32');
+    expect(seg.data).toBeInstanceOf(Float32Array);
+    expect(seg.data.length).toBe(240 * 240 * 155);
+    const counts = tumourPerSlice(seg.data, seg.dims);
+    expect(counts.filter((c) => c > 0).length).toBe(withTumour);
+    expect(counts.filter((c) => c >= 100).length).toBe(atLeast100);
+    const labels = new Set(seg.data);
+    for (const l of labels) expect([0, 1, 2, 3, 4]).toContain(l);
+
+    const flair = await readNifti(path.join(BRATS, pat, 'Flair_subtrMeanDivStd.nii.gz'));
+    expect(flair.dims).toEqual([240, 240, 155]);
+    expect(flair.pixdim).toEqual([1, 1, 1]);
+    expect(flair.data.every(Number.isFinite)).toBe(true);
+  });
+
+  it('applies scl_slope/scl_inter of the int32 brain mask', async () => {
+    const file = path.join(BRATS, 'pat0001', 'brainmask.nii.gz');
+    const mask = await readNifti(file);
+    expect(mask.datatype).toBe('int32');
+    expect(mask.dims).toEqual([240, 240, 155]);
+    let inside = 0;
+    let outside = 0;
+    let max = -Infinity;
+    for (const v of mask.data) {
+      if (v > 0.5) inside++;
+      else outside++;
+      if (v > max) max = v;
+    }
+    // nibabel reads ~0.99999997 inside the brain: raw int32 values times a tiny slope plus 0.5, not the raw ints.
+    expect(max).toBeCloseTo(0.99999997, 6);
+    expect(Math.min(...new Set(mask.data))).toBeCloseTo(0, 6);
+    expect(inside).toBeGreaterThan(100_000);
+    expect(outside).toBeGreaterThan(inside);
+    const raw = await readNiftiRaw(file);
+    expect(raw.slope).not.toBe(1);
+    expect(raw.raw).toBeInstanceOf(Int32Array);
+  });
+
+  it('reads a gzip file by its content, whatever its name', async () => {
+    const gz = await readFile(path.join(BRATS, 'pat0001', 'OTMultiClass.nii.gz'));
+    const misnamed = path.join(tmp, 'seg-really-gzipped.nii');
+    await writeFile(misnamed, gz);
+    const v = await readNifti(misnamed);
+    expect(v.dims).toEqual([240, 240, 155]);
+  });
+});
+
+describe('readNifti on small volumes written here', () => {
+  const dims = [4, 3, 2];
+  const n = 24;
+  const ramp = (f: (i: number) => number): number[] => Array.from({ length: n }, (_, i) => f(i));
+
+  const cases: [NiftiDatatype, number[]][] = [
+    ['uint8', ramp((i) => i * 10)],
+    ['int8', ramp((i) => i * 5 - 60)],
+    ['int16', ramp((i) => i * 1000 - 12000)],
+    ['uint16', ramp((i) => i * 2700)],
+    ['int32', ramp((i) => i * 100000 - 1_000_000)],
+    ['uint32', ramp((i) => i * 100000)],
+    ['float32', ramp((i) => i * 0.25 - 3)],
+    ['float64', ramp((i) => i / 3 - 2)],
+  ];
+
+  for (const [datatype, values] of cases) {
+    for (const bigEndian of [false, true]) {
+      for (const gzip of [false, true]) {
+        it(`${datatype}, ${bigEndian ? 'big' : 'little'}-endian, ${gzip ? '.nii.gz' : '.nii'}`, async () => {
+          const file = path.join(tmp, `${datatype}-${bigEndian ? 'be' : 'le'}.nii${gzip ? '.gz' : ''}`);
+          await writeNifti(file, { dims, datatype, data: values, bigEndian, gzip, pixdim: [0.9, 1.1, 2.5] });
+          const v = await readNifti(file);
+          expect(v.dims).toEqual([4, 3, 2]);
+          expect(v.pixdim[0]).toBeCloseTo(0.9, 6);
+          expect(v.pixdim[1]).toBeCloseTo(1.1, 6);
+          expect(v.pixdim[2]).toBeCloseTo(2.5, 6);
+          expect(v.datatype).toBe(datatype);
+          expect(v.data).toBeInstanceOf(Float32Array);
+          expect(Array.from(v.data)).toEqual(values.map((x) => Math.fround(x)));
+        });
+      }
+    }
+  }
+
+  it('keeps file order: x fastest, then y, then z', async () => {
+    const file = path.join(tmp, 'order.nii');
+    // value = 100 z + 10 y + x
+    const data: number[] = [];
+    for (let z = 0; z < 2; z++) for (let y = 0; y < 3; y++) for (let x = 0; x < 4; x++) data.push(100 * z + 10 * y + x);
+    await writeNifti(file, { dims, datatype: 'int16', data });
+    const v = await readNifti(file);
+    expect(v.data[1]).toBe(1);
+    expect(v.data[4]).toBe(10);
+    expect(v.data[12]).toBe(100);
+    expect(v.data[3 + 4 * 2 + 12 * 1]).toBe(123);
+  });
+
+  it('applies scl_slope and scl_inter', async () => {
+    const file = path.join(tmp, 'scaled.nii.gz');
+    await writeNifti(file, { dims, datatype: 'int16', data: ramp((i) => i), sclSlope: 0.5, sclInter: 10, gzip: true });
+    const v = await readNifti(file);
+    expect(Array.from(v.data)).toEqual(ramp((i) => i * 0.5 + 10));
+  });
+
+  it('applies an intercept alone (slope 1, inter non-zero) and ignores slope 0', async () => {
+    const a = path.join(tmp, 'inter-only.nii');
+    await writeNifti(a, { dims, datatype: 'uint8', data: ramp((i) => i), sclSlope: 1, sclInter: -5 });
+    expect(Array.from((await readNifti(a)).data)).toEqual(ramp((i) => i - 5));
+    const b = path.join(tmp, 'slope-zero.nii');
+    await writeNifti(b, { dims, datatype: 'uint8', data: ramp((i) => i), sclSlope: 0, sclInter: 7 });
+    expect(Array.from((await readNifti(b)).data)).toEqual(ramp((i) => i));
+  });
+
+  it('scales float32 data too, and int32 in double precision', async () => {
+    const a = path.join(tmp, 'scaled-f32.nii');
+    await writeNifti(a, { dims, datatype: 'float32', data: ramp((i) => i), sclSlope: 2, sclInter: 1 });
+    expect(Array.from((await readNifti(a)).data)).toEqual(ramp((i) => 2 * i + 1));
+    const b = path.join(tmp, 'scaled-i32.nii');
+    // 2^31 - 1 - i times 2^-31 is just under 1; converting the int to float32 first would round it to 2^31 first.
+    await writeNifti(b, { dims, datatype: 'int32', data: ramp((i) => 2147483647 - i), sclSlope: 2 ** -31 });
+    const v = await readNifti(b);
+    for (let i = 0; i < n; i++) expect(v.data[i]).toBe(Math.fround((2147483647 - i) * 2 ** -31));
+  });
+
+  it('accepts a 4-D file with one volume and a 2-D image', async () => {
+    const a = path.join(tmp, 'four-d-one.nii');
+    await writeNifti(a, { dims: [4, 3, 2, 1], datatype: 'int16', data: ramp((i) => i) });
+    expect((await readNifti(a)).dims).toEqual([4, 3, 2]);
+    const b = path.join(tmp, 'two-d.nii');
+    await writeNifti(b, { dims: [6, 4], datatype: 'uint8', data: Array.from({ length: 24 }, (_, i) => i) });
+    const v = await readNifti(b);
+    expect(v.dims).toEqual([6, 4, 1]);
+    expect(v.data.length).toBe(24);
+  });
+
+  it('rejects a real 4-D volume', async () => {
+    const file = path.join(tmp, 'four-d.nii.gz');
+    await writeNifti(file, { dims: [4, 3, 2, 2], datatype: 'int16', data: Array.from({ length: 48 }, (_, i) => i), gzip: true });
+    await expectDataFileError(readNifti(file), file, /4-D volume \(4x3x2x2\) where a 3-D volume was expected/);
+  });
+});
+
+describe('readNifti errors', () => {
+  it('missing file', async () => {
+    const file = path.join(tmp, 'nope.nii.gz');
+    await expectDataFileError(readNifti(file), file, 'file not found');
+  });
+
+  it('not a NIfTI file (plain bytes, and too short)', async () => {
+    const a = path.join(tmp, 'random.nii');
+    await writeFile(a, Buffer.concat([Buffer.from([0x50, 0x4b]), randomBytes(2000)]));
+    await expectDataFileError(readNifti(a), a, 'not a NIfTI file');
+    const b = path.join(tmp, 'short.nii');
+    await writeFile(b, Buffer.from('hello'));
+    await expectDataFileError(readNifti(b), b, /not a NIfTI file: only 5 bytes/);
+  });
+
+  it('corrupt gzip (random bytes after the gzip magic)', async () => {
+    const file = path.join(tmp, 'corrupt.nii.gz');
+    await writeFile(file, Buffer.concat([Buffer.from([0x1f, 0x8b, 0x08, 0x00, 0, 0, 0, 0, 0, 0x03]), randomBytes(4096)]));
+    await expectDataFileError(readNifti(file), file, /^gzip data is corrupt or truncated: /);
+  });
+
+  it('gzip stream cut in half (real fixture)', async () => {
+    const gz = await readFile(path.join(BRATS, 'pat0001', 'Flair_subtrMeanDivStd.nii.gz'));
+    const file = path.join(tmp, 'flair-half.nii.gz');
+    await writeFile(file, gz.subarray(0, gz.length >> 1));
+    await expectDataFileError(readNifti(file), file, /^gzip data is corrupt or truncated: /);
+  });
+
+  it('truncated voxel data, uncompressed and inside a valid gzip', async () => {
+    const full = encodeNifti({ dims: [240, 240, 155], datatype: 'int16', data: new Int16Array(240 * 240 * 155) });
+    const cut = full.subarray(0, 352 + 1000);
+    const a = path.join(tmp, 'truncated.nii');
+    await writeFile(a, cut);
+    await expectDataFileError(readNifti(a), a, 'truncated: header says 240x240x155 int16 (17856000 bytes) but only 1000 bytes of voxel data');
+    const b = path.join(tmp, 'truncated.nii.gz');
+    await writeFile(b, gzipSync(cut));
+    await expectDataFileError(readNifti(b), b, 'truncated: header says 240x240x155 int16 (17856000 bytes) but only 1000 bytes of voxel data');
+  });
+
+  it('unsupported datatype', async () => {
+    const file = path.join(tmp, 'rgb.nii');
+    await writeNifti(file, { dims: [2, 2, 1], datatype: 'uint8', data: [1, 2, 3, 4], datatypeCodeOverride: 128 });
+    await expectDataFileError(readNifti(file), file, /^unsupported datatype code 128 \(RGB\)/);
+  });
+
+  it('a directory instead of a file', async () => {
+    await expectDataFileError(readNifti(tmp), tmp, /is a directory/);
+  });
+});
+
+describe('npy', () => {
+  it('round-trips float32 and uint8 arrays with the numpy header layout', () => {
+    const f = Float32Array.from({ length: 24 }, (_, i) => i * 0.5 - 3);
+    const buf = encodeNpy(f, [2, 3, 4]);
+    expect(buf.subarray(0, 8)).toEqual(Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]));
+    const headerLen = buf.readUInt16LE(8);
+    expect((10 + headerLen) % 64).toBe(0);
+    const header = buf.toString('latin1', 10, 10 + headerLen);
+    expect(header).toMatch(/^\{'descr': '<f4', 'fortran_order': False, 'shape': \(2, 3, 4\), \} *\n$/);
+    expect(buf.length).toBe(10 + headerLen + 24 * 4);
+    const back = decodeNpy(buf);
+    expect(back.dtype).toBe('<f4');
+    expect(back.shape).toEqual([2, 3, 4]);
+    expect(back.data).toBeInstanceOf(Float32Array);
+    expect(Array.from(back.data)).toEqual(Array.from(f));
+
+    const u = Uint8Array.from([0, 1, 1, 0, 255]);
+    const ub = encodeNpy(u, [5]);
+    expect(ub.toString('latin1', 10, 10 + ub.readUInt16LE(8))).toContain("'descr': '|u1', 'fortran_order': False, 'shape': (5,), }");
+    const uback = decodeNpy(ub);
+    expect(uback.dtype).toBe('|u1');
+    expect(uback.shape).toEqual([5]);
+    expect(Array.from(uback.data)).toEqual([0, 1, 1, 0, 255]);
+  });
+
+  it('handles empty arrays and matches allocNpy byte for byte', () => {
+    const empty = decodeNpy(encodeNpy(new Float32Array(0), [0, 256, 256]));
+    expect(empty.shape).toEqual([0, 256, 256]);
+    expect(empty.data.length).toBe(0);
+    const a = allocNpy('float32', [3, 2]);
+    a.data.set([1, 2, 3, 4, 5, 6]);
+    expect(a.file.equals(encodeNpy(Float32Array.from([1, 2, 3, 4, 5, 6]), [3, 2]))).toBe(true);
+    const m = allocNpy('uint8', [2, 2]);
+    m.data.set([0, 1, 1, 0]);
+    expect(m.file.equals(encodeNpy(Uint8Array.from([0, 1, 1, 0]), [2, 2]))).toBe(true);
+  });
+
+  it('refuses a shape that does not match the data', () => {
+    expect(() => encodeNpy(new Float32Array(5), [2, 3])).toThrow(/holds 6 values but data has 5/);
+  });
+
+  it('reads files and reports bad ones as DataFileError', async () => {
+    const file = path.join(tmp, 'a.npy');
+    await writeFile(file, encodeNpy(Float32Array.from([1.5, -2]), [1, 2]));
+    const v = await readNpy(file);
+    expect(v.shape).toEqual([1, 2]);
+    expect(Array.from(v.data)).toEqual([1.5, -2]);
+
+    const truncated = path.join(tmp, 'truncated.npy');
+    await writeFile(truncated, encodeNpy(new Float32Array(100), [10, 10]).subarray(0, 200));
+    await expectDataFileError(readNpy(truncated), truncated, /^truncated: shape \(10, 10\) float32 needs 400 bytes/);
+    const notNpy = path.join(tmp, 'not.npy');
+    await writeFile(notNpy, 'hello world');
+    await expectDataFileError(readNpy(notNpy), notNpy, /not a \.npy file/);
+    const missing = path.join(tmp, 'missing.npy');
+    await expectDataFileError(readNpy(missing), missing, 'file not found');
+    expect(existsSync(missing)).toBe(false);
+  });
+
+  it('reads numpy-written headers (format 1.0, other spacing, big-endian float)', () => {
+    const header = "{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }";
+    const padded = header.padEnd(117, ' ') + '\n';
+    const data = Buffer.alloc(8);
+    data.writeFloatBE(1.25, 0);
+    data.writeFloatBE(-7, 4);
+    const pre = Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0, padded.length & 0xff, padded.length >> 8]);
+    const v = decodeNpy(Buffer.concat([pre, Buffer.from(padded, 'latin1'), data]));
+    expect(v.shape).toEqual([2]);
+    expect(Array.from(v.data)).toEqual([1.25, -7]);
+  });
+});
