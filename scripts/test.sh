@@ -4,4 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(bash .ci/services.sh)"
-exec npx vitest run "$@"
+summary=$(mktemp)
+status=0
+npx vitest run --reporter=default --reporter=json --outputFile.json="$summary" "$@" || status=$?
+# One plain closing line that any log reader understands.
+node -e '
+  const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+  console.log(`Tests: ${r.numPassedTests} passed, ${r.numFailedTests} failed` + (r.numPendingTests ? `, ${r.numPendingTests} skipped` : ""));
+' "$summary" 2>/dev/null || true
+rm -f "$summary"
+exit $status
