@@ -427,40 +427,39 @@ function maskSlice(plan: ResizePlan, labels: Float32Array, perRow: Int32Array, r
  * a skull-stripped scan, most of the volume) only adds to a count of zeros. Other volumes go slice by slice
  * through float32.
  */
+function integerHistogram(raw: Int16Array | Uint16Array | Uint8Array | Int8Array): { hist: Float64Array; offset: number } {
+  const offset = raw instanceof Int16Array ? 32768 : raw instanceof Int8Array ? 128 : 0;
+  const bins = raw instanceof Int16Array || raw instanceof Uint16Array ? 65536 : 256;
+  const counts = new Int32Array(bins);
+  if (raw instanceof Int16Array) for (let i = 0; i < raw.length; i++) counts[raw[i]! + 32768]!++;
+  else if (raw instanceof Uint16Array) for (let i = 0; i < raw.length; i++) counts[raw[i]!]!++;
+  else if (raw instanceof Uint8Array) for (let i = 0; i < raw.length; i++) counts[raw[i]!]!++;
+  else for (let i = 0; i < raw.length; i++) counts[raw[i]! + 128]!++;
+  return { hist: Float64Array.from(counts), offset };
+}
+
 function volumeStats(v: RawNiftiVolume, scratch: Float32Array): { mean: number; std: number } {
   const { raw, slope, inter } = v;
   const n = raw.length;
   const bpe = raw.BYTES_PER_ELEMENT;
   let mean: number;
   let std: number;
-  if (bpe <= 2 && raw.byteOffset % 4 === 0) {
-    // Stored units; the scaling is applied to the result (z-scores do not change, mean and std do).
-    const pivot = raw[n >>> 1];
-    const words = new Int32Array(raw.buffer, raw.byteOffset, (n * bpe) >> 2);
-    const perWord = (4 / bpe) | 0;
-    let zeros = 0;
+  if (bpe <= 2 && !(raw instanceof Float32Array)) {
+    // 8- and 16-bit integers: a histogram pass (one increment per voxel, monomorphic on each array type), then
+    // the moments from the histogram. Exact, and several times faster than accumulating doubles per voxel.
+    const { hist, offset } = integerHistogram(raw as Int16Array | Uint16Array | Uint8Array | Int8Array);
     let sum = 0;
     let sq = 0;
-    for (let k = 0; k < words.length; k++) {
-      if (words[k] === 0) {
-        zeros += perWord;
-        continue;
-      }
-      for (let e = k * perWord, end = e + perWord; e < end; e++) {
-        const a = raw[e] - pivot;
-        sum += a;
-        sq += a * a;
-      }
+    for (let b = 0; b < hist.length; b++) {
+      const c = hist[b]!;
+      if (c === 0) continue;
+      const val = b - offset;
+      sum += c * val;
+      sq += c * val * val;
     }
-    for (let e = words.length * perWord; e < n; e++) {
-      const a = raw[e] - pivot;
-      sum += a;
-      sq += a * a;
-    }
-    sum -= zeros * pivot;
-    sq += zeros * pivot * pivot;
-    mean = (pivot + sum / n) * slope + inter;
-    std = Math.sqrt(Math.max(0, (sq - (sum * sum) / n) / n)) * Math.abs(slope);
+    const m = sum / n;
+    mean = m * slope + inter;
+    std = Math.sqrt(Math.max(0, sq / n - m * m)) * Math.abs(slope);
   } else {
     // One loop nest in one function called once per volume: hot loops in small functions called per slice get
     // on-stack-replaced on the first call and then deoptimize at the code after the loop, call after call.
