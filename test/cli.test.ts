@@ -77,9 +77,9 @@ describe('slicewise CLI', () => {
     expect(out).toContain('cannot reach Redis at redis://127.0.0.1:1');
   });
 
-  it('modes that need training say so instead of half-running', async () => {
-    const { code, out } = await run(['pipeline', '--mode', 'full', '--image-size', '32'], { cwd, env: bareEnv() });
+  it('a mode whose steps are not built yet says so instead of half-running', async () => {
+    const { code, out } = await run(['pipeline', '--mode', 'demo', '--image-size', '32'], { cwd, env: bareEnv() });
     expect(code).toBe(1);
-    expect(out).toContain("mode 'full' needs training");
+    expect(out).toContain("mode 'demo' needs the evaluation and demo steps");
   });
 });

@@ -49,7 +49,7 @@ export async function followRun(ctx: AppContext, runId: string, { intervalMs = 4
       if (total && done !== undefined) {
         if (bars) {
           let bar = barOf.get(s.name);
-          if (!bar && s.status === 'running') barOf.set(s.name, (bar = bars.create(total, done, { step: s.name.padEnd(18), unit: s.name === 'preprocess_brats' ? 'patients' : 'items' })));
+          if (!bar && s.status === 'running') barOf.set(s.name, (bar = bars.create(total, done, { step: s.name.padEnd(24), unit: s.name === 'preprocess_brats' ? 'patients' : s.name.startsWith('train_') ? 'epochs' : 'items' })));
           bar?.setTotal(total);
           bar?.update(done);
           if (bar && s.status !== 'running') {

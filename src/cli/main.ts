@@ -76,6 +76,7 @@ program
   .option('--max-patients <n>', 'cap the number of patients', int('--max-patients', 1))
   .option('--image-size <n>', 'slice size in pixels (default 256)', int('--image-size', 16))
   .option('--seed <n>', 'seed for subsets, slice sampling and splits (default 42)', int('--seed'))
+  .option('--from-run <id>', 'train-eval: the run whose prepared data to train on (default: the latest that succeeded)')
   .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port)', int('--port'), 0)
   .option('--no-workers', 'do not run workers in this process (others consume the queues)')
   .action(async (o) => {
@@ -97,7 +98,8 @@ program
       () => shutdown(true),
     );
     try {
-      if (o.workers) host = await startWorkers(rt.ctx);
+      // Training runs here too when the mode trains: this process is the whole system.
+      if (o.workers) host = await startWorkers(rt.ctx, { queues: o.mode === 'data-only' ? DEFAULT_WORKER_QUEUES : [...DEFAULT_WORKER_QUEUES, 'train'] });
       if (rt.embedded) {
         api = await listen(createApp(rt.ctx), o.port, '127.0.0.1');
         say(paint('blue', `API ${api.url}  ·  Bull Board ${api.url}/admin/queues`));
@@ -114,6 +116,7 @@ program
         sources: { brats: o.bratsSource, kaggle: o.kaggleSource, ...(o.bratsLayout ? { bratsLayout: o.bratsLayout } : {}) },
         skipDownload: o.skipDownload,
         dataDir: o.dataDir,
+        ...(o.fromRun ? { fromRun: o.fromRun } : {}),
         overrides,
       });
       runId = run.id;

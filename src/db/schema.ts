@@ -14,6 +14,12 @@ export const runs = pgTable(
     trainingMode: text('training_mode').notNull(),
     /** The merged, validated config (base -> mode -> stage -> overrides). Never holds credentials. */
     config: jsonb('config').notNull(),
+    /** The run's own overrides, kept apart so a stage's config can be layered under them (base -> mode -> stage -> overrides). */
+    overrides: jsonb('overrides'),
+    /** train-eval: the earlier run whose processed data and splits this one trains on. */
+    dataRunId: text('data_run_id'),
+    /** The tfjs backend and device the training steps ran on, e.g. "wasm: CPU wasm SIMD, 1 thread". */
+    device: text('device'),
     /** Printable source descriptions (e.g. "kaggle:owner/dataset"), never credentials. */
     sources: jsonb('sources').notNull(),
     dataDir: text('data_dir').notNull(),

@@ -1,7 +1,7 @@
 import type { FlowJob, JobsOptions } from 'bullmq';
 import { join } from 'node:path';
 import type { Config } from '../config/schema.ts';
-import { jobId, STEP_QUEUE, type StepName } from '../queues/names.ts';
+import { jobId, STEP_QUEUE, TRAIN_STEPS, type StepName } from '../queues/names.ts';
 import type { PipelineMode } from '../runs/input.ts';
 
 /** What every job of a run carries. Never credentials: job data is shown in Bull Board. */
@@ -25,11 +25,17 @@ export interface KaggleJobData extends RunJobData {
 /** Jobs stay visible in Bull Board for a week, then Redis forgets them (the database keeps the record). */
 const KEEP = { removeOnComplete: { age: 7 * 24 * 3600, count: 5000 }, removeOnFail: { age: 14 * 24 * 3600, count: 5000 } } as const;
 
-/** Which steps a mode runs, in display order. Training and evaluation arrive with their own issues. */
+const DATA_STEPS: StepName[] = ['download_brats', 'download_kaggle', 'preprocess_brats', 'preprocess_kaggle', 'split_brats', 'split_kaggle'];
+
+/** Which steps a mode runs, in display order. Evaluation and the demo arrive with their own issues. */
 export function stepsForMode(mode: PipelineMode): StepName[] {
   switch (mode) {
     case 'data-only':
-      return ['download_brats', 'download_kaggle', 'preprocess_brats', 'preprocess_kaggle', 'split_brats', 'split_kaggle', 'finalize'];
+      return [...DATA_STEPS, 'finalize'];
+    case 'full':
+      return [...DATA_STEPS, ...TRAIN_STEPS, 'finalize'];
+    case 'train-eval':
+      return [...TRAIN_STEPS, 'finalize'];
     default:
       return [];
   }
@@ -45,6 +51,10 @@ export function runDir(dataDir: string, runId: string): string {
  *   finalize
  *   ├── split_brats  <- preprocess_brats (fans out one preprocess_patient job per patient) <- download_brats
  *   └── split_kaggle <- preprocess_kaggle <- download_kaggle
+ *
+ * With training (full, train-eval) the stages sit between the splits and finalize:
+ *
+ *   finalize <- train_stage3_joint <- train_stage2_cls_head <- train_stage1_seg_warmup <- [split_brats, split_kaggle]
  *
  * Inside a branch a failed child fails its parent (failParentOnFailure), so nothing waits forever in
  * waiting-children. The branches hang under finalize with ignoreDependencyOnFailure: finalize always runs once
@@ -72,8 +82,18 @@ export function buildRunFlow({ runId, mode, config, dataDir }: RunFlowInput): Fl
     imageSize: config.data.kaggle_image_size ?? config.data.image_size,
   };
   const branch = { failParentOnFailure: false, ignoreDependencyOnFailure: true };
-  const children: FlowJob[] = [];
-  if (steps.has('split_brats')) children.push(job('split_brats', [job('preprocess_brats', [job('download_brats')])], branch));
-  if (steps.has('split_kaggle')) children.push(job('split_kaggle', [job('preprocess_kaggle', [job('download_kaggle')], {}, kaggleData)], branch));
+  const data: FlowJob[] = [];
+  if (steps.has('split_brats')) data.push(job('split_brats', [job('preprocess_brats', [job('download_brats')])]));
+  if (steps.has('split_kaggle')) data.push(job('split_kaggle', [job('preprocess_kaggle', [job('download_kaggle')], {}, kaggleData)]));
+  let children: FlowJob[];
+  if (steps.has('train_stage1_seg_warmup')) {
+    // The stages run in order, each from the checkpoint the one before recorded; a GPU worker takes one at a time.
+    const train = { attempts: 3, backoff: { type: 'fixed', delay: 5000 } };
+    const s1 = job('train_stage1_seg_warmup', data, train);
+    const s2 = job('train_stage2_cls_head', [s1], train);
+    children = [job('train_stage3_joint', [s2], { ...train, ...branch })];
+  } else {
+    children = data.map((d) => ({ ...d, opts: { ...d.opts, ...branch } }));
+  }
   return job('finalize', children, { attempts: 3 });
 }

@@ -15,10 +15,16 @@ export const STEP_QUEUE = {
   preprocess_kaggle: 'preprocess',
   split_brats: 'split',
   split_kaggle: 'split',
+  train_stage1_seg_warmup: 'train',
+  train_stage2_cls_head: 'train',
+  train_stage3_joint: 'train',
   finalize: 'pipeline',
 } as const satisfies Record<string, QueueName>;
 export type StepName = keyof typeof STEP_QUEUE;
 export const STEP_NAMES = Object.keys(STEP_QUEUE) as StepName[];
+
+export const TRAIN_STEPS = ['train_stage1_seg_warmup', 'train_stage2_cls_head', 'train_stage3_joint'] as const;
+export type TrainStep = (typeof TRAIN_STEPS)[number];
 
 /** The per-patient shard job; its bookkeeping rolls up into preprocess_brats. */
 export const PATIENT_JOB = 'preprocess_patient';

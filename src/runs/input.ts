@@ -22,6 +22,8 @@ export const CreateRunSchema = z.strictObject({
   skipDownload: z.boolean().default(false),
   /** Where raw data, processed slices and outputs go. Default: the server's data dir. */
   dataDir: z.string().min(1).optional(),
+  /** train-eval: the run whose processed data and splits to train on. Default: the latest succeeded run that made data. */
+  fromRun: z.string().min(1).optional(),
   /** Per-run config overrides, layered over base -> mode (validated against the config schema). */
   overrides: z.record(z.string(), z.unknown()).optional(),
 });

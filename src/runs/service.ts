@@ -1,13 +1,15 @@
 import { randomBytes } from 'node:crypto';
 import { resolve } from 'node:path';
-import { and, asc, count, desc, eq } from 'drizzle-orm';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { and, asc, count, desc, eq, inArray } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
 import { loadConfig } from '../config/load.ts';
 import { artifacts, kaggleImages, patients, runs, steps, type RunRow } from '../db/schema.ts';
 import { formatSource, parseSource } from '../download/sources.ts';
 import { parseLayout } from '../imaging/layout.ts';
 import { SliceWiseError } from '../lib/errors.ts';
-import { buildRunFlow, stepsForMode } from '../producers/run-flow.ts';
+import { buildRunFlow, runDir, stepsForMode } from '../producers/run-flow.ts';
 import { STEP_QUEUE, CANCEL_CHANNEL } from '../queues/names.ts';
 import { closeOpenSteps, finishRun, getRunRow } from './store.ts';
 import { CreateRunSchema, type CreateRunInput } from './input.ts';
@@ -42,11 +44,12 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   }
   const stepNames = stepsForMode(req.mode);
   if (stepNames.length === 0) {
-    throw new SliceWiseError(`mode '${req.mode}' needs training and evaluation steps, which this version does not have yet; use --mode data-only`, {
+    throw new SliceWiseError(`mode '${req.mode}' needs the evaluation and demo steps, which this version does not have yet; use --mode full, data-only or train-eval`, {
       status: 501,
       code: 'mode_not_implemented',
     });
   }
+  const dataRunId = req.mode === 'train-eval' ? await resolveDataRun(ctx, req.fromRun) : null;
   const config = loadConfig({ trainingMode: req.trainingMode, overrides: req.overrides });
   // Parse now so a bad source is a 400 at the door, not a failed job a minute later.
   const brats = formatSource(parseSource(req.sources.brats));
@@ -59,7 +62,7 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
 
   const inserted = await ctx.db
     .insert(runs)
-    .values({ id, status: 'queued', mode: req.mode, trainingMode: req.trainingMode, config, sources, dataDir, idempotencyKey: idempotencyKey ?? null })
+    .values({ id, status: 'queued', mode: req.mode, trainingMode: req.trainingMode, config, overrides: req.overrides ?? null, dataRunId, sources, dataDir, idempotencyKey: idempotencyKey ?? null })
     .onConflictDoNothing({ target: runs.idempotencyKey })
     .returning();
   if (inserted.length === 0) {
@@ -79,6 +82,33 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   }
   ctx.logger.info({ runId: id, mode: req.mode, trainingMode: req.trainingMode, brats, kaggle }, `Run ${id} queued (${req.mode}, ${req.trainingMode})`);
   return { run: inserted[0]!, created: true };
+}
+
+/**
+ * train-eval trains on data an earlier run prepared: the one named, or the latest run that made data and
+ * succeeded. Its splits must be there: a run whose files were deleted is refused now, not mid-training.
+ */
+async function resolveDataRun(ctx: AppContext, fromRun?: string): Promise<string> {
+  const [row] = fromRun
+    ? await ctx.db.select().from(runs).where(eq(runs.id, fromRun))
+    : await ctx.db
+        .select()
+        .from(runs)
+        .where(and(eq(runs.status, 'succeeded'), inArray(runs.mode, ['data-only', 'full'])))
+        .orderBy(desc(runs.createdAt))
+        .limit(1);
+  if (!row) {
+    throw new SliceWiseError(
+      fromRun ? `fromRun: run ${fromRun} not found` : 'train-eval needs prepared data, and no data-only or full run has succeeded yet: run --mode data-only first (or pass fromRun)',
+      { status: fromRun ? 404 : 409, code: 'no_data_run' },
+    );
+  }
+  if (row.status !== 'succeeded' || !['data-only', 'full'].includes(row.mode)) {
+    throw new SliceWiseError(`fromRun: run ${row.id} is a ${row.mode} run with status ${row.status}; train-eval needs a succeeded data-only or full run`, { status: 409, code: 'no_data_run' });
+  }
+  const splits = join(runDir(row.dataDir, row.id), 'splits', 'brats.json');
+  if (!existsSync(splits)) throw new SliceWiseError(`run ${row.id} has no ${splits} any more; prepare data again`, { status: 409, code: 'no_data_run' });
+  return row.id;
 }
 
 export async function getRunDetail(ctx: AppContext, runId: string) {

@@ -12,6 +12,7 @@ import { preprocessBratsProcessor, type PatientJobData, type PatientResult } fro
 import type { KaggleResult } from './sandboxed/preprocess.ts';
 import { splitProcessor } from './split.ts';
 import { isFinalAttempt } from './step.ts';
+import { trainProcessor } from './train.ts';
 
 export interface WorkerHostOptions {
   /** Which queues this process consumes. Default: all but train (train needs a GPU worker of its own). */
@@ -68,6 +69,18 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
         lockDuration: 60_000,
       });
       attachPreprocessBookkeeping(ctx, worker);
+    } else if (q === 'train') {
+      // One training job per GPU: each worker takes one at a time, and the queue's global concurrency caps the
+      // pool (SLICEWISE_TRAIN_POOL, default 1). A killed worker's job is picked up again once its lock expires
+      // and resumes from its last epoch checkpoint.
+      await ctx.queues.train.setGlobalConcurrency(Number(process.env.SLICEWISE_TRAIN_POOL ?? 1));
+      worker = new Worker(q, trainProcessor(ctx), {
+        ...common,
+        connection: conn(),
+        concurrency: 1,
+        lockDuration: Number(process.env.SLICEWISE_TRAIN_LOCK_MS ?? 120_000),
+        stalledInterval: Number(process.env.SLICEWISE_TRAIN_LOCK_MS ?? 120_000) / 2,
+      });
     } else if (processors[q]) {
       worker = new Worker(q, processors[q]!, { ...common, connection: conn(), concurrency: concurrency ?? 2, lockDuration: 60_000 });
     } else {
@@ -100,6 +113,8 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
     activeCount: () => active.size,
     async close(force = false) {
       await sub.quit().catch(() => sub.disconnect());
+      // Forced: abort what runs (a training thread stops between batches) instead of leaving it to run on.
+      if (force) for (const w of workers) w.cancelAllJobs('worker shutting down');
       await Promise.all(workers.map((w) => w.close(force)));
       for (const c of conns) c.disconnect();
     },
