@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { and, asc, count, desc, eq, inArray } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
 import { loadConfig } from '../config/load.ts';
-import { artifacts, kaggleImages, patients, runs, steps, type RunRow } from '../db/schema.ts';
+import { artifacts, kaggleImages, metrics, patients, runs, steps, type RunRow } from '../db/schema.ts';
 import { formatSource, parseSource } from '../download/sources.ts';
 import { parseLayout } from '../imaging/layout.ts';
 import { SliceWiseError } from '../lib/errors.ts';
@@ -122,6 +122,14 @@ export async function getRunDetail(ctx: AppContext, runId: string) {
     .select({ n: count() })
     .from(kaggleImages)
     .where(and(eq(kaggleImages.runId, runId), eq(kaggleImages.status, 'rejected')));
+  // Training progress: the latest epoch's figures of each training step (the whole history is in `metrics`).
+  const metricRows = await ctx.db.select().from(metrics).where(eq(metrics.runId, runId));
+  const latest: Record<string, { epoch: number; values: Record<string, number> }> = {};
+  for (const m of metricRows) {
+    const cur = latest[m.step];
+    if (!cur || m.epoch > cur.epoch) latest[m.step] = { epoch: m.epoch, values: { [m.name]: m.value } };
+    else if (m.epoch === cur.epoch) cur.values[m.name] = m.value;
+  }
   return {
     ...run,
     steps: stepRows.map((s) => ({
@@ -135,6 +143,7 @@ export async function getRunDetail(ctx: AppContext, runId: string) {
       counts: s.counts,
       error: s.error,
       errorDetails: s.errorDetails,
+      ...(latest[s.name] ? { latestEpoch: latest[s.name] } : {}),
     })),
     patients: patientRows.map((p) => ({ patientId: p.patientId, status: p.status, split: p.split, slices: p.slices, tumorSlices: p.tumorSlices, error: p.error })),
     kaggleRejected: kaggleCounts?.n ?? 0,
