@@ -10,16 +10,20 @@ export type Splits<T> = Record<SplitName, T[]>;
 
 /**
  * The original's sizes: train = floor(train * N), val = floor(val * N), test = the rest. One change: with three
- * or more items, val and test each get at least one, because an empty validation set silently disables model
- * selection and an empty test set reports nothing.
+ * or more items, val and test each get at least one (taken from test while it has two, else from train),
+ * because an empty validation set silently disables model selection and an empty test set reports nothing.
  */
 export function splitSizes(n: number, r: SplitRatios): Record<SplitName, number> {
   let train = Math.floor(r.train * n);
   let val = Math.floor(r.val * n);
   if (n >= 3) {
     if (val === 0 && r.val > 0) {
-      val = 1;
-      train -= 1;
+      // Taken from test while it has two or more, so training keeps its share.
+      if (n - train >= 2) val = 1;
+      else {
+        val = 1;
+        train -= 1;
+      }
     }
     if (n - train - val === 0 && r.test > 0) train -= 1;
   }
