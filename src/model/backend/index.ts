@@ -6,22 +6,28 @@
  * through silently), then wasm with our training kernels (./wasm-kernels.ts), then tfjs's pure-JS cpu backend.
  * An explicitly requested backend that cannot start is an error, not a silent fallback.
  *
- * In Node the wasm binaries are loaded from node_modules/@tensorflow/tfjs-backend-wasm/dist. tfjs runs wasm
- * single-threaded under Node (its multi-thread build needs browser workers), so `threads` is passed on but the
- * reported thread count is what the backend actually uses.
+ * In Node the wasm binaries are loaded from node_modules/@tensorflow/tfjs-backend-wasm/dist (SIMD build when the
+ * runtime has wasm SIMD). tfjs runs wasm single-threaded under Node; `threads` sizes our own worker pool for the
+ * convolution kernels instead (default SLICEWISE_WASM_THREADS, else the CPU count, at most 8), and the device
+ * string reports it, e.g. 'CPU wasm SIMD, 2 threads'. A later call with another `threads` resizes the pool.
  */
 import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
 import { dirname, join, sep } from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { getThreadsCount, setThreadsCount, setWasmPaths } from '@tensorflow/tfjs-backend-wasm';
 import { registerWasmTrainingKernels } from './wasm-kernels.js';
+import { simdPool, startSimdThreads } from './simd-threads.js';
 
 export type BackendChoice = 'tensorflow' | 'wasm' | 'cpu';
 
 export interface InitBackendOptions {
   /** Backend to use (SLICEWISE_TF_BACKEND overrides it). Default: the first that works, fastest first. */
   prefer?: BackendChoice;
-  /** wasm: threads for XNNPACK (tfjs uses 1 under Node whatever is asked). */
+  /**
+   * wasm: threads for our convolution kernels (a worker pool on a shared memory; the rest of tfjs-wasm stays
+   * single-threaded under Node). Default: SLICEWISE_WASM_THREADS, else the number of CPUs (at most 8).
+   */
   threads?: number;
 }
 
@@ -62,6 +68,9 @@ export async function initBackend(opts: InitBackendOptions = {}): Promise<Backen
   while (pending) await pending.catch(() => undefined);
   if (current && (request === 'auto' || request === current.request || request === current.backend)) {
     if (tf.getBackend() !== current.backend) await activate(current.backend);
+    if (current.backend === 'wasm' && opts.threads != null && opts.threads !== (simdPool()?.threads ?? 1)) {
+      current.device = await wasmDevice(opts.threads);
+    }
     return { backend: current.backend, device: current.device };
   }
   const p = choose(request, opts);
@@ -145,12 +154,28 @@ async function initWasm(threads: number | undefined): Promise<BackendInfo> {
   }
   if (!(await activate('wasm'))) throw new Error("tfjs 'wasm' backend failed to initialise");
   registerWasmTrainingKernels(); // no-op unless the registry was reset meanwhile
+  return { backend: 'wasm', device: await wasmDevice(threads) };
+}
+
+function defaultThreads(): number {
+  const env = Number(process.env.SLICEWISE_WASM_THREADS);
+  if (Number.isInteger(env) && env > 0) return env;
+  return Math.max(1, Math.min(8, availableParallelism()));
+}
+
+/** Starts our kernel threads and describes the device, e.g. 'CPU wasm SIMD, 2 threads'. */
+async function wasmDevice(threads: number | undefined): Promise<string> {
   const simd = (await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT')) === true;
   let n = 1;
-  try {
-    n = getThreadsCount();
-  } catch {
-    n = 1;
+  if (simd) n = await startSimdThreads(threads ?? defaultThreads());
+  else {
+    try {
+      n = getThreadsCount();
+    } catch {
+      n = 1;
+    }
   }
-  return { backend: 'wasm', device: `CPU wasm ${simd ? 'SIMD' : 'no SIMD'}, ${n} thread${n === 1 ? '' : 's'}` };
+  return `CPU wasm ${simd ? 'SIMD' : 'no SIMD'}, ${n} thread${n === 1 ? '' : 's'}`;
 }
+
+export { registerWasmTrainingKernels, WASM_TRAINING_KERNELS } from './wasm-kernels.js';

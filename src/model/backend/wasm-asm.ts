@@ -121,6 +121,9 @@ export class Fn {
   shl(): this {
     return this.op(0x74);
   }
+  divU(): this {
+    return this.op(0x6e);
+  }
   eqz(): this {
     return this.op(0x45);
   }
@@ -183,6 +186,9 @@ export class Fn {
   }
   f32Mul(): this {
     return this.op(0x94);
+  }
+  f32Sub(): this {
+    return this.op(0x93);
   }
 
   // SIMD
@@ -338,8 +344,11 @@ function section(id: number, content: number[], out: number[]): void {
   for (const b of content) out.push(b);
 }
 
-/** Encodes a module: memory imported as env.memory, every function exported under its name. */
-export function assemble(fns: Fn[]): Uint8Array {
+/**
+ * Encodes a module: memory imported as env.memory, every function exported under its name. With `sharedMaxPages`
+ * the imported memory is a shared one (threads) of at most that many 64 KiB pages.
+ */
+export function assemble(fns: Fn[], opts: { sharedMaxPages?: number } = {}): Uint8Array {
   const out: number[] = [0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00];
   // Types: one per function (duplicates are allowed).
   const types: number[] = [];
@@ -356,8 +365,14 @@ export function assemble(fns: Fn[]): Uint8Array {
   uleb(1, imports);
   str('env', imports);
   str('memory', imports);
-  imports.push(0x02, 0x00); // memory, limits without maximum
-  uleb(1, imports);
+  if (opts.sharedMaxPages) {
+    imports.push(0x02, 0x03); // memory, shared, with a maximum
+    uleb(1, imports);
+    uleb(opts.sharedMaxPages, imports);
+  } else {
+    imports.push(0x02, 0x00); // memory, limits without maximum
+    uleb(1, imports);
+  }
   section(2, imports, out);
   const funcs: number[] = [];
   uleb(fns.length, funcs);
