@@ -4,11 +4,13 @@
  * nothing of queues; the train worker runs it in a thread and records what it reports.
  */
 import { existsSync } from 'node:fs';
+import { cpus } from 'node:os';
 import { join } from 'node:path';
 import type { Config, StageName } from '../config/schema.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { initBackend } from './backend/index.ts';
 import { loadCheckpoint } from './checkpoint.ts';
+import { installFastCpuKernels } from './cpu-kernels.ts';
 import { createBatches, readSplits, type BatchOptions } from './data.ts';
 import { prepareResume, stageMetric, trainStage, type EpochInfo, type StageData, type TrainConfig } from './trainer.ts';
 import { createUNet, type ParamGroup, type PresetName } from './unet.ts';
@@ -70,6 +72,25 @@ export function autoMicroBatch(backend: string, preset: PresetName, imageSize: n
   return Math.max(1, Math.min(batchSize, fits));
 }
 
+export const REPLICAS_ENV = 'SLICEWISE_TRAIN_REPLICAS';
+
+/**
+ * Data-parallel training replicas (trainer.ts, parallel.ts) for a backend: the env var SLICEWISE_TRAIN_REPLICAS
+ * (a positive integer) wins; else 1 on 'tensorflow' (tfjs-node uses every core, or the GPU, by itself) and
+ * min(cores, 2) on wasm and cpu, which run one thread per instance. Two replicas use two wasm heaps: the
+ * micro-batch (autoMicroBatch) is per replica.
+ */
+export function autoReplicas(backend: string, env: NodeJS.ProcessEnv = process.env, cores = cpus().length): number {
+  const raw = env[REPLICAS_ENV]?.trim();
+  if (raw) {
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < 1) throw new SliceWiseError(`${REPLICAS_ENV}=${raw} is not a positive integer`, { status: 400, code: 'bad_config' });
+    return n;
+  }
+  if (backend === 'tensorflow') return 1;
+  return Math.max(1, Math.min(cores, 2));
+}
+
 function stageSettings(c: Config, stage: StageName) {
   const s = (c.stage ?? {}) as {
     trainable?: ParamGroup[];
@@ -90,8 +111,18 @@ function stageSettings(c: Config, stage: StageName) {
 
 export async function runStage(input: StageInput, hooks: StageHooks): Promise<StageResult> {
   const { stage, config } = input;
-  const info = await initBackend();
-  const device = `${info.backend}: ${info.device}`;
+  let info = await initBackend();
+  // Replica threads on 'cpu' install these too: every replica then computes with the same kernels.
+  if (info.backend === 'cpu') installFastCpuKernels();
+  const replicas = autoReplicas(info.backend);
+  // Replicas share the cores with wasm's own kernel threads: give each replica its share of the cores (unless
+  // SLICEWISE_WASM_THREADS says otherwise; the worker replicas inherit it).
+  let replicaThreads: number | undefined;
+  if (replicas > 1 && info.backend === 'wasm' && !process.env.SLICEWISE_WASM_THREADS) {
+    replicaThreads = Math.max(1, Math.floor(cpus().length / replicas));
+    info = await initBackend({ threads: replicaThreads });
+  }
+  const device = `${info.backend}: ${info.device}${replicas > 1 ? ` x ${replicas} replicas` : ''}`;
   hooks.log(`${stage}: training on ${device}`);
 
   const splits = await readSplits(join(input.dataRunDir, 'splits'));
@@ -154,6 +185,8 @@ export async function runStage(input: StageInput, hooks: StageHooks): Promise<St
       checkpointDir: input.checkpointDir,
       keepLastN: config.training.keep_last_n,
       shouldStop: hooks.shouldStop,
+      replicas,
+      ...(replicaThreads ? { replicaThreads } : {}),
       onEpoch: async (e: EpochInfo) => {
         epochSeconds.push(e.seconds);
         if (e.isBest) best = { metric: e.metric, epoch: e.epoch };

@@ -18,6 +18,15 @@
  * epoch + 1, optimizerState and `resume` from the saved training state) continues exactly where the saved one
  * stopped, bar the order of floating-point sums.
  *
+ * Data-parallel (`replicas` > 1, parallel.ts): every chunk of up to replicas x microBatch samples is split across
+ * this thread's model and replicas - 1 worker threads (each with its own tfjs instance and model copy); each
+ * replica computes its shard's gradients with the full batch's denominators, the gradients are summed here, and
+ * clipping and the AdamW step happen once, here; the updated parameters are published to the workers before the
+ * next batch. `microBatch` stays the largest batch one replica runs at once. BatchNorm normalises per shard (no
+ * sync), running statistics are the replicas' sample-weighted average, dropout masks differ per replica (see
+ * parallel.ts). The worker threads start at the first training batch and are closed on every way out of
+ * trainStage (end, early stop, cancel, error).
+ *
  * Tensors: every batch's tensors are disposed before the next one, so tf.memory().numTensors stays flat.
  */
 import { join } from 'node:path';
@@ -35,9 +44,11 @@ import {
   type TrainingState,
 } from './checkpoint.js';
 import type { Batch } from './data.js';
-import { crossEntropy, jointLoss, segLoss } from './losses.js';
+import { crossEntropy, segLoss } from './losses.js';
 import { ClsMetricAccumulator, combinedScore, SegMetricAccumulator, type ClsMetrics, type SegMetrics } from './metrics.js';
 import { AdamW, clipByGlobalNorm, cosineLr, EarlyStopping, type AdamWState, type EarlyStoppingState } from './optim.js';
+import { createReplicaPool, dataParallelGradients, type GradientSpec, type ReplicaPool } from './parallel.js';
+import { stageLoss, type LossSpec } from './shard-grads.js';
 import { PARAM_GROUPS, type ParamGroup, type UNetModel } from './unet.js';
 
 export type Stage = 'seg_warmup' | 'cls_head' | 'joint';
@@ -144,6 +155,13 @@ export interface TrainStageOptions {
   checkpointDir?: string;
   /** Epoch checkpoints kept (default 2). */
   keepLastN?: number;
+  /**
+   * Data-parallel replicas, counting this thread (default 1: no worker threads). With n > 1, n - 1 worker threads
+   * run on the backend this thread uses (see the module comment and parallel.ts).
+   */
+  replicas?: number;
+  /** Kernel threads of each worker replica's backend (wasm's threaded kernels); unset: the backend's default. */
+  replicaThreads?: number;
 }
 
 export interface TrainStageResult {
@@ -362,6 +380,10 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
   const micro = Math.min(config.microBatch ?? config.batchSize, config.batchSize);
   const keepLastN = Math.max(1, opts.keepLastN ?? 2);
   const startEpoch = opts.startEpoch ?? 1;
+  const replicas = opts.replicas ?? 1;
+  if (!Number.isInteger(replicas) || replicas < 1) {
+    throw new SliceWiseError(`stage ${stage}: replicas must be a positive integer (got ${replicas})`, { status: 400, code: 'bad_config' });
+  }
 
   const optimizer = new AdamW(
     trainable.map((g) => ({ name: g, params: model.group(g), lr: config.lrGroups?.[g] ?? config.lr })),
@@ -381,24 +403,65 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
   let stoppedEarly = false;
   let cancelled = false;
 
+  const lossSpec: LossSpec = { stage, frozen, labelSmoothing: config.labelSmoothing, lambdaSeg: config.lambdaSeg, lambdaCls: config.lambdaCls };
   /** One micro-batch's loss (a scalar), divided by the full batch's denominators. */
-  const lossOf = (t: BatchTensors, segDen: number, clsDen: number): tf.Scalar => {
-    const fo = { training: true, frozen };
-    if (stage === 'seg_warmup') return segLoss(model.forwardSeg(t.x, fo), t.mask, t.hasMask, segDen);
-    if (stage === 'cls_head') return crossEntropy(model.forwardCls(t.x, fo), t.labels, config.labelSmoothing, clsDen);
-    const { segLogits, clsLogits } = model.forward(t.x, fo);
-    return jointLoss({
-      segLogits,
-      mask: t.mask,
-      hasMask: t.hasMask,
-      clsLogits,
-      clsLabel: t.labels,
-      lambdaSeg: config.lambdaSeg,
-      lambdaCls: config.lambdaCls,
-      labelSmoothing: config.labelSmoothing,
-      segDenominator: segDen,
-      clsDenominator: clsDen,
-    }).total;
+  const lossOf = (t: BatchTensors, segDen: number, clsDen: number): tf.Scalar => stageLoss(model, lossSpec, t, segDen, clsDen);
+
+  let pool: ReplicaPool | null = null;
+  const gradSpec: GradientSpec = { ...lossSpec, params: optimizer.paramNames() };
+
+  /** Clip the summed gradients and step; disposes them. */
+  const applyStep = (acc: Map<string, tf.Tensor>, loss: number): { loss: number; gradNorm: number } => {
+    try {
+      if (!Number.isFinite(loss)) return { loss, gradNorm: NaN };
+      const clipped = clipByGlobalNorm(acc, config.gradClip);
+      try {
+        optimizer.step(clipped.grads);
+      } finally {
+        if (clipped.grads !== acc) for (const g of clipped.grads.values()) g.dispose();
+      }
+      return { loss, gradNorm: clipped.norm };
+    } finally {
+      for (const g of acc.values()) g.dispose();
+    }
+  };
+
+  /** trainBatch over the replica pool: chunks of replicas x micro samples, each split across the replicas. */
+  const trainBatchParallel = async (b: Batch): Promise<{ loss: number; gradNorm: number } | null> => {
+    const masked = b.hasMask.reduce((s, v) => s + (v > 0 ? 1 : 0), 0);
+    if (stage === 'seg_warmup' && masked === 0) return null;
+    const segDen = Math.max(1, masked);
+    const clsDen = b.n;
+    pool ??= await createReplicaPool({
+      replicas,
+      arch: model.config,
+      inChannels: model.config.inChannels,
+      seed,
+      ...(opts.replicaThreads ? { threads: opts.replicaThreads } : {}),
+    });
+    pool.publishParams(model);
+    const chunk = micro * replicas;
+    const acc = new Map<string, tf.Tensor>();
+    let loss = 0;
+    try {
+      for (let from = 0; from < b.n; from += chunk) {
+        const r = await dataParallelGradients(pool, model, b, from, Math.min(b.n, from + chunk), gradSpec, segDen, clsDen);
+        loss += r.loss;
+        for (const [name, g] of r.grads) {
+          const prev = acc.get(name);
+          if (!prev) acc.set(name, g);
+          else {
+            acc.set(name, tf.add(prev, g));
+            prev.dispose();
+            g.dispose();
+          }
+        }
+      }
+    } catch (e) {
+      for (const g of acc.values()) g.dispose();
+      throw e;
+    }
+    return applyStep(acc, loss);
   };
 
   /** Forward + backward over the micro-batches, clip, step. Returns the batch loss and the pre-clip norm. */
@@ -474,7 +537,7 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
           config.augmentation,
           rng,
         );
-        const r = trainBatch(batch);
+        const r = replicas > 1 ? await trainBatchParallel(batch) : trainBatch(batch);
         if (r) {
           if (!Number.isFinite(r.loss)) {
             throw new SliceWiseError(`stage ${stage}: training diverged (loss ${r.loss} at epoch ${epoch}, batch ${batchIndex + 1}); try a lower learning rate`, {
@@ -569,6 +632,8 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
     }
   } finally {
     optimizer.dispose();
+    // TS narrows `pool` to null here (it is assigned in a closure).
+    await (pool as ReplicaPool | null)?.close();
   }
   return { bestMetric, bestEpoch, epochsRun, lastEpoch, history, stoppedEarly, cancelled };
 }
