@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { mulberry32 } from '../src/lib/random.ts';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -29,17 +30,8 @@ const KAGGLE = path.join(FIXTURES, 'kaggle-navoneel');
 // helpers
 // ---------------------------------------------------------------------------------------------------------
 
-/** Deterministic PRNG (mulberry32) so the randomised reference checks are reproducible. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic PRNG so the randomised reference checks are reproducible. */
+const rng = mulberry32;
 
 /** Minimal .npy reader for the test (independent of src/imaging/npy.ts). */
 function readNpy(buf: Buffer): { descr: string; shape: number[]; data: Float32Array | Uint8Array } {
