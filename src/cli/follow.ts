@@ -1,12 +1,13 @@
 import cliProgress from 'cli-progress';
 import type { AppContext } from '../context.ts';
 import { getRunDetail } from '../runs/service.ts';
+import { env } from '../env.ts';
 
 const COLOURS = { blue: 34, green: 32, yellow: 33, red: 31, dim: 2 } as const;
 type Colour = keyof typeof COLOURS;
 
 export function painter(stream: NodeJS.WriteStream = process.stdout) {
-  const on = stream.isTTY && !process.env.NO_COLOR;
+  const on = stream.isTTY && !env().noColor;
   return (c: Colour, s: string) => (on ? `\x1b[${COLOURS[c]}m${s}\x1b[0m` : s);
 }
 

@@ -5,15 +5,17 @@ import { serve } from '@hono/node-server';
 import { createApp } from '../api/app.ts';
 import { openDb } from '../db/client.ts';
 import { SliceWiseError } from '../lib/errors.ts';
-import { QUEUE_NAMES, type QueueName } from '../queues/names.ts';
+import { DEFAULT_WORKER_QUEUES, QUEUE_NAMES, type QueueName } from '../queues/names.ts';
 import { buildResults } from '../runs/results.ts';
 import { cancelRun, createRun } from '../runs/service.ts';
 import { getRunRow } from '../runs/store.ts';
-import { startWorkers, DEFAULT_WORKER_QUEUES, type WorkerHost } from '../workers/host.ts';
+import { startWorkers, type WorkerHost } from '../workers/host.ts';
 import { followRun, painter } from './follow.ts';
 import { openRuntime, type Runtime } from './runtime.ts';
 import { PIPELINE_MODES } from '../runs/input.ts';
 import { TRAINING_MODES } from '../config/schema.ts';
+import { env } from '../env.ts';
+import { pgliteDir } from '../disk/layout.ts';
 
 const paint = painter(process.stderr);
 const say = (line: string) => process.stderr.write(line + '\n');
@@ -80,7 +82,7 @@ program
   .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port)', int('--port'), 0)
   .option('--no-workers', 'do not run workers in this process (others consume the queues)')
   .action(async (o) => {
-    const rt = await openRuntime({ dataDir: o.dataDir, say, logLevel: process.env.LOG_LEVEL ?? 'warn' });
+    const rt = await openRuntime({ dataDir: o.dataDir, say, logLevel: env().logLevel ?? 'warn' });
     let host: WorkerHost | undefined;
     let api: { url: string; close(): Promise<void> } | undefined;
     let runId: string | undefined;
@@ -141,9 +143,9 @@ program
 program
   .command('api')
   .description('serve the REST API and Bull Board')
-  .option('--port <n>', 'port', int('--port'), Number(process.env.PORT ?? 8787))
-  .option('--host <host>', 'interface to bind', process.env.HOST ?? '127.0.0.1')
-  .option('--data-dir <dir>', 'default data dir for runs', process.env.SLICEWISE_DATA_DIR ?? 'data')
+  .option('--port <n>', 'port', int('--port'), env().port ?? 8787)
+  .option('--host <host>', 'interface to bind', env().host ?? '127.0.0.1')
+  .option('--data-dir <dir>', 'default data dir for runs', env().dataDir ?? 'data')
   .option('--with-workers', 'also consume the queues in this process', false)
   .action(async (o) => {
     const rt = await openRuntime({ dataDir: o.dataDir, say });
@@ -172,9 +174,9 @@ program
   .description('consume queues (start as many as you like, on any machine sharing Redis, Postgres and the data dir)')
   .option('--queues <list>', `comma-separated, of ${QUEUE_NAMES.join(', ')}`, queueList, DEFAULT_WORKER_QUEUES)
   .option('--concurrency <n>', 'jobs at once per queue (default: CPU cores for preprocess, 2 otherwise)', int('--concurrency', 1))
-  .option('--data-dir <dir>', 'data dir (must be the same path the API gives runs)', process.env.SLICEWISE_DATA_DIR ?? 'data')
+  .option('--data-dir <dir>', 'data dir (must be the same path the API gives runs)', env().dataDir ?? 'data')
   .action(async (o) => {
-    if (!process.env.REDIS_URL) throw new SliceWiseError('slicewise worker joins a shared Redis: set REDIS_URL (a private Redis would have no jobs for it)', { status: 400, code: 'needs_redis_url' });
+    if (!env().redisUrl) throw new SliceWiseError('slicewise worker joins a shared Redis: set REDIS_URL (a private Redis would have no jobs for it)', { status: 400, code: 'needs_redis_url' });
     const rt = await openRuntime({ dataDir: o.dataDir, needsSharedDb: true, say });
     const host = await startWorkers(rt.ctx, { queues: o.queues, concurrency: o.concurrency });
     onSignals(
@@ -195,7 +197,7 @@ db.command('migrate')
   .description('apply migrations to DATABASE_URL (or the embedded PGlite of --data-dir)')
   .option('--data-dir <dir>', 'data dir of the embedded database', 'data')
   .action(async (o) => {
-    const h = await openDb({ pgliteDir: resolve(o.dataDir, 'pglite') });
+    const h = await openDb({ pgliteDir: pgliteDir(resolve(o.dataDir)) });
     say(paint('green', `Migrations applied to ${h.where}`));
     await h.close();
   });

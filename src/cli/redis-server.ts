@@ -4,6 +4,8 @@ import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { SliceWiseError } from '../lib/errors.ts';
+import { env } from '../env.ts';
+import { redisDir } from '../disk/layout.ts';
 
 export class RedisMissingError extends SliceWiseError {
   constructor(extra = '') {
@@ -31,13 +33,13 @@ function onPath(cmd: string): boolean {
 export function installRedisIfPossible(say: (line: string) => void): boolean {
   if (onPath('redis-server')) return true;
   const root = typeof process.getuid === 'function' && process.getuid() === 0;
-  if (!root || !onPath('apt-get') || process.env.SLICEWISE_NO_INSTALL === '1') return false;
+  if (!root || !onPath('apt-get') || env().noInstall) return false;
   say('redis-server not found; installing it with apt-get (running as root, apt present; set SLICEWISE_NO_INSTALL=1 to stop this)');
-  const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  let r = spawnSync('apt-get', ['install', '-y', '-qq', 'redis-server'], { stdio: ['ignore', 'ignore', 'inherit'], env });
+  const aptEnv = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
+  let r = spawnSync('apt-get', ['install', '-y', '-qq', 'redis-server'], { stdio: ['ignore', 'ignore', 'inherit'], env: aptEnv });
   if (r.status !== 0) {
-    spawnSync('apt-get', ['update', '-qq'], { stdio: ['ignore', 'ignore', 'inherit'], env });
-    r = spawnSync('apt-get', ['install', '-y', '-qq', 'redis-server'], { stdio: ['ignore', 'ignore', 'inherit'], env });
+    spawnSync('apt-get', ['update', '-qq'], { stdio: ['ignore', 'ignore', 'inherit'], env: aptEnv });
+    r = spawnSync('apt-get', ['install', '-y', '-qq', 'redis-server'], { stdio: ['ignore', 'ignore', 'inherit'], env: aptEnv });
   }
   // Debian's package starts a system service on 6379; ours is private, so that one can stay or go as the user likes.
   return r.status === 0 && onPath('redis-server');
@@ -64,7 +66,7 @@ export interface PrivateRedis {
  * noeviction (BullMQ's requirement), data under the data dir so --skip-download runs see the same history.
  */
 export async function startPrivateRedis(dataDir: string): Promise<PrivateRedis> {
-  const dir = join(dataDir, 'redis');
+  const dir = redisDir(dataDir);
   await mkdir(dir, { recursive: true });
   const port = await freePort();
   const proc: ChildProcess = spawn(

@@ -1,4 +1,4 @@
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { createContext, type AppContext } from '../context.ts';
 import { openDb, type DbHandle } from '../db/client.ts';
 import { SliceWiseError } from '../lib/errors.ts';
@@ -6,6 +6,8 @@ import { createLogger } from '../lib/logger.ts';
 import { assertRedisReachable } from '../queues/connection.ts';
 import { redactPassword } from '../lib/redact.ts';
 import { installRedisIfPossible, RedisMissingError, startPrivateRedis, type PrivateRedis } from './redis-server.ts';
+import { env } from '../env.ts';
+import { pgliteDir, redisDir } from '../disk/layout.ts';
 
 export interface RuntimeOptions {
   dataDir: string;
@@ -27,18 +29,19 @@ export interface Runtime {
 /** Resolves Redis and the database from the environment, starting private ones where none is given. */
 export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) => console.error(l), logLevel }: RuntimeOptions): Promise<Runtime> {
   dataDir = resolve(dataDir);
-  const logger = createLogger('slicewise', logLevel ?? process.env.LOG_LEVEL ?? 'info');
+  const logger = createLogger('slicewise', logLevel ?? env().logLevel ?? 'info');
   let privateRedis: PrivateRedis | undefined;
-  let redisUrl = process.env.REDIS_URL;
+  const settings = env();
+  let redisUrl = settings.redisUrl;
   if (redisUrl) {
     await assertRedisReachable(redisUrl);
   } else {
     if (!installRedisIfPossible(say)) throw new RedisMissingError();
     privateRedis = await startPrivateRedis(dataDir);
     redisUrl = privateRedis.url;
-    say(`Started a private redis-server at ${redisUrl} (data in ${join(dataDir, 'redis')}); it stops when this command exits`);
+    say(`Started a private redis-server at ${redisUrl} (data in ${redisDir(dataDir)}); it stops when this command exits`);
   }
-  if (needsSharedDb && !process.env.DATABASE_URL) {
+  if (needsSharedDb && !settings.databaseUrl) {
     await privateRedis?.stop();
     throw new SliceWiseError(
       'this process must share its database with others, and the embedded PGlite serves one process only: set DATABASE_URL=postgres://... (e.g. `docker compose up -d postgres`)',
@@ -47,18 +50,18 @@ export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) =>
   }
   let db: DbHandle;
   try {
-    db = await openDb({ pgliteDir: join(dataDir, 'pglite') });
+    db = await openDb({ pgliteDir: pgliteDir(dataDir) });
   } catch (err) {
     await privateRedis?.stop();
     throw err;
   }
   say(db.kind === 'pglite' ? `Database: embedded PGlite in ${db.where}` : `Database: ${db.where}`);
   if (!privateRedis) say(`Redis: ${redactPassword(redisUrl)}`);
-  const ctx = createContext({ db: db.db, redisUrl, dataDir, logger, prefix: process.env.SLICEWISE_QUEUE_PREFIX || undefined });
+  const ctx = createContext({ db: db.db, redisUrl, dataDir, logger, prefix: settings.queuePrefix });
   return {
     ctx,
     db,
-    embedded: !process.env.REDIS_URL && !process.env.DATABASE_URL,
+    embedded: !settings.redisUrl && !settings.databaseUrl,
     async close() {
       await ctx.close().catch(() => {});
       await db.close().catch(() => {});

@@ -11,6 +11,7 @@ import { PGlite } from '@electric-sql/pglite';
 import * as schema from './schema.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { redactPassword } from '../lib/redact.ts';
+import { env } from '../env.ts';
 
 export type Db = PgDatabase<PgQueryResultHKT, typeof schema>;
 
@@ -24,7 +25,7 @@ export interface DbHandle {
 }
 
 export interface OpenDbOptions {
-  /** A postgres:// URL. Default: process.env.DATABASE_URL; when neither is set, PGlite in `pgliteDir`. */
+  /** A postgres:// URL. Default: DATABASE_URL; when neither is set, PGlite in `pgliteDir`. */
   url?: string;
   /** Where the embedded PGlite keeps its files. Default: `<dataDir>/pglite`; 'memory://' for a throwaway one. */
   pgliteDir?: string;
@@ -34,7 +35,7 @@ export interface OpenDbOptions {
 
 const MIGRATIONS = fileURLToPath(new URL('../../migrations', import.meta.url));
 
-export async function openDb({ url = process.env.DATABASE_URL, pgliteDir, migrate = true }: OpenDbOptions = {}): Promise<DbHandle> {
+export async function openDb({ url = env().databaseUrl, pgliteDir, migrate = true }: OpenDbOptions = {}): Promise<DbHandle> {
   if (url) {
     const pool = new pg.Pool({ connectionString: url, max: 10 });
     // An idle client that loses its server emits 'error' on the pool; without a listener that kills the process.

@@ -122,7 +122,23 @@ export function parseSource(spec: string): Source {
   throw badSource(s, 'unrecognised form');
 }
 
-/** A printable form of a source; never contains credentials (URL user-info and query values are hidden). */
+/**
+ * The name of a source's raw-data folder (layout's rawDir): two runs with the same source share one download,
+ * which is what --skip-download reuses.
+ */
+export function sourceKey(source: Source): string {
+  switch (source.kind) {
+    case 'synthetic':
+      return `synthetic-${source.count ?? 'default'}`;
+    case 'kaggle':
+      return `kaggle-${source.owner}-${source.dataset}`;
+    case 'https':
+      return `https-${new URL(source.url).pathname.split('/').filter(Boolean).pop() ?? 'download'}`;
+    case 'path':
+      return 'path';
+  }
+}
+
 /**
  * The spec form again (parseSource(formatSource(s)) equals s): what a run stores so a worker can rebuild the
  * source. It holds no credentials: parseSource refuses URLs that carry them.
@@ -140,6 +156,7 @@ export function formatSource(s: Source): string {
   }
 }
 
+/** A printable form of a source; never contains credentials (URL user-info and query values are hidden). */
 export function describeSource(s: Source): string {
   if (s.kind !== 'https') return formatSource(s);
   return s.sha256 ? `${redactUrl(s.url)} (sha256 ${s.sha256.slice(0, 12)}...)` : redactUrl(s.url);

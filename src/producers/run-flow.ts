@@ -1,50 +1,3 @@
-import type { FlowJob, JobsOptions } from 'bullmq';
-import { join } from 'node:path';
-import type { Config } from '../config/schema.ts';
-import { jobId, STEP_QUEUE, TRAIN_STEPS, type StepName } from '../queues/names.ts';
-import type { PipelineMode } from '../runs/input.ts';
-
-/** What every job of a run carries. Never credentials: job data is shown in Bull Board. */
-export interface RunJobData {
-  runId: string;
-}
-
-export interface RunFlowInput {
-  runId: string;
-  mode: PipelineMode;
-  config: Config;
-  dataDir: string;
-}
-
-/** preprocess_kaggle runs sandboxed (no database there), so it carries what it needs. */
-export interface KaggleJobData extends RunJobData {
-  outDir: string;
-  imageSize: number;
-}
-
-/** Jobs stay visible in Bull Board for a week, then Redis forgets them (the database keeps the record). */
-const KEEP = { removeOnComplete: { age: 7 * 24 * 3600, count: 5000 }, removeOnFail: { age: 14 * 24 * 3600, count: 5000 } } as const;
-
-const DATA_STEPS: StepName[] = ['download_brats', 'download_kaggle', 'preprocess_brats', 'preprocess_kaggle', 'split_brats', 'split_kaggle'];
-
-/** Which steps a mode runs, in display order. Evaluation and the demo arrive with their own issues. */
-export function stepsForMode(mode: PipelineMode): StepName[] {
-  switch (mode) {
-    case 'data-only':
-      return [...DATA_STEPS, 'finalize'];
-    case 'full':
-      return [...DATA_STEPS, ...TRAIN_STEPS, 'finalize'];
-    case 'train-eval':
-      return [...TRAIN_STEPS, 'finalize'];
-    default:
-      return [];
-  }
-}
-
-export function runDir(dataDir: string, runId: string): string {
-  return join(dataDir, 'runs', runId);
-}
-
 /**
  * The run as one BullMQ flow. Children run before parents:
  *
@@ -59,41 +12,50 @@ export function runDir(dataDir: string, runId: string): string {
  * Inside a branch a failed child fails its parent (failParentOnFailure), so nothing waits forever in
  * waiting-children. The branches hang under finalize with ignoreDependencyOnFailure: finalize always runs once
  * every branch has settled, and it is the one place that gives the run its verdict.
+ *
+ * Each job's queue and retry policy come from its step's definition (workers/registry.ts); this file only
+ * knows the shape.
  */
-export function buildRunFlow({ runId, mode, config, dataDir }: RunFlowInput): FlowJob {
+import type { FlowJob, JobsOptions } from 'bullmq';
+import type { Config } from '../config/schema.ts';
+import { jobId } from '../queues/names.ts';
+import { STEP_RETENTION } from '../queues/retention.ts';
+import type { PipelineMode } from '../runs/input.ts';
+import { stepsForMode, type StepName } from '../runs/modes.ts';
+import type { RunJobData } from '../workers/define.ts';
+import { attemptsOf } from '../workers/define.ts';
+import { STEPS } from '../workers/registry.ts';
+
+export interface RunFlowInput {
+  runId: string;
+  mode: PipelineMode;
+  config: Config;
+}
+
+export function buildRunFlow({ runId, mode, config }: RunFlowInput): FlowJob {
   const steps = new Set(stepsForMode(mode));
-  const job = (step: StepName, children: FlowJob[] = [], extra: JobsOptions = {}, data: RunJobData = { runId }): FlowJob => ({
-    name: step,
-    queueName: STEP_QUEUE[step],
-    data,
-    opts: {
-      jobId: jobId(runId, step),
-      attempts: step.startsWith('download') ? config.workers.download_attempts : 2,
-      backoff: { type: 'exponential', delay: 2000 },
-      failParentOnFailure: true,
-      ...KEEP,
-      ...extra,
-    },
-    children,
-  });
-  const kaggleData: KaggleJobData = {
-    runId,
-    outDir: join(runDir(dataDir, runId), 'processed', 'kaggle'),
-    imageSize: config.data.kaggle_image_size ?? config.data.image_size,
+  const job = (step: StepName, children: FlowJob[] = [], extra: JobsOptions = {}): FlowJob => {
+    const def = STEPS[step];
+    return {
+      name: step,
+      queueName: def.queue,
+      data: { runId } satisfies RunJobData,
+      opts: { jobId: jobId(runId, step), attempts: attemptsOf(def, config), backoff: def.backoff, failParentOnFailure: true, ...STEP_RETENTION, ...extra },
+      children,
+    };
   };
   const branch = { failParentOnFailure: false, ignoreDependencyOnFailure: true };
   const data: FlowJob[] = [];
   if (steps.has('split_brats')) data.push(job('split_brats', [job('preprocess_brats', [job('download_brats')])]));
-  if (steps.has('split_kaggle')) data.push(job('split_kaggle', [job('preprocess_kaggle', [job('download_kaggle')], {}, kaggleData)]));
+  if (steps.has('split_kaggle')) data.push(job('split_kaggle', [job('preprocess_kaggle', [job('download_kaggle')])]));
   let children: FlowJob[];
   if (steps.has('train_stage1_seg_warmup')) {
-    // The stages run in order, each from the checkpoint the one before recorded; a GPU worker takes one at a time.
-    const train = { attempts: 3, backoff: { type: 'fixed', delay: 5000 } };
-    const s1 = job('train_stage1_seg_warmup', data, train);
-    const s2 = job('train_stage2_cls_head', [s1], train);
-    children = [job('train_stage3_joint', [s2], { ...train, ...branch })];
+    // The stages run in order, each from the checkpoint the one before returned; a GPU worker takes one at a time.
+    const s1 = job('train_stage1_seg_warmup', data);
+    const s2 = job('train_stage2_cls_head', [s1]);
+    children = [job('train_stage3_joint', [s2], branch)];
   } else {
     children = data.map((d) => ({ ...d, opts: { ...d.opts, ...branch } }));
   }
-  return job('finalize', children, { attempts: 3 });
+  return job('finalize', children);
 }

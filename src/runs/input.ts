@@ -28,7 +28,14 @@ export const CreateRunSchema = z.strictObject({
   overrides: z.record(z.string(), z.unknown()).optional(),
 });
 export type CreateRunInput = z.input<typeof CreateRunSchema>;
-export type CreateRunRequest = z.output<typeof CreateRunSchema>;
+
+/** What a run stores about its sources: specs that parseSource reads back, never credentials (parseSource refuses them). */
+export interface RunSources {
+  brats: string;
+  kaggle: string;
+  bratsLayout?: Record<string, string>;
+  skipDownload: boolean;
+}
 
 export const ListRunsQuery = z.strictObject({
   status: z.enum(['queued', 'running', 'succeeded', 'failed', 'cancelled']).optional(),

@@ -1,26 +1,12 @@
 import { eq } from 'drizzle-orm';
 import type { Db } from '../db/client.ts';
 import { steps, type RunRow } from '../db/schema.ts';
-import { stepsForMode } from '../producers/run-flow.ts';
+import type { PipelineResults } from '../disk/layout.ts';
+import { byStepOrder } from './modes.ts';
 
 /** pipeline_results.json, in the original controller's shape (see REFERENCE.md), from what the database recorded. */
-export interface PipelineResults {
-  run_id: string;
-  start_time: string | null;
-  end_time: string | null;
-  mode: string;
-  training_mode: string;
-  success: boolean;
-  status: RunRow['status'];
-  error?: string;
-  total_duration_seconds: number | null;
-  steps: Record<string, { status: 'success' | 'failed' | 'timeout' | 'cancelled' | 'skipped' | 'pending' | 'running'; duration_seconds: number | null; command: string; attempts: number; counts: Record<string, number>; error?: string }>;
-}
-
 export async function buildResults(db: Db, run: RunRow): Promise<PipelineResults> {
-  const rows = await db.select().from(steps).where(eq(steps.runId, run.id));
-  const order = stepsForMode(run.mode as never);
-  rows.sort((a, b) => order.indexOf(a.name as never) - order.indexOf(b.name as never));
+  const rows = byStepOrder(await db.select().from(steps).where(eq(steps.runId, run.id)));
   const out: PipelineResults['steps'] = {};
   for (const s of rows) {
     if (s.name === 'finalize') continue; // ours, not one of the original's steps

@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { resolve } from 'node:path';
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
+import { resolve } from 'node:path';
 import { and, asc, count, desc, eq, inArray } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
 import { loadConfig } from '../config/load.ts';
@@ -9,11 +8,14 @@ import { artifacts, kaggleImages, metrics, patients, runs, steps, type RunRow } 
 import { formatSource, parseSource } from '../download/sources.ts';
 import { parseLayout } from '../imaging/layout.ts';
 import { SliceWiseError } from '../lib/errors.ts';
-import { buildRunFlow, runDir, stepsForMode } from '../producers/run-flow.ts';
-import { STEP_QUEUE, CANCEL_CHANNEL } from '../queues/names.ts';
-import { closeOpenSteps, finishRun, getRunRow } from './store.ts';
-import { CreateRunSchema, type CreateRunInput } from './input.ts';
+import { runPaths } from '../disk/layout.ts';
+import { buildRunFlow } from '../producers/run-flow.ts';
+import { CANCEL_CHANNEL } from '../queues/names.ts';
+import { STEPS } from '../workers/registry.ts';
+import { CreateRunSchema, type CreateRunInput, type RunSources } from './input.ts';
+import { byStepOrder, stepsForMode } from './modes.ts';
 import { buildResults } from './results.ts';
+import { closeOpenSteps, finishRun, getRunRow } from './store.ts';
 
 export class RunNotFoundError extends SliceWiseError {
   constructor(runId: string) {
@@ -26,14 +28,6 @@ export class RunNotFoundError extends SliceWiseError {
 export function newRunId(now = new Date()): string {
   const t = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
   return `run-${t}-${randomBytes(3).toString('hex')}`;
-}
-
-/** What a run stores about its sources: specs that parseSource reads back, never credentials (parseSource refuses them). */
-export interface RunSources {
-  brats: string;
-  kaggle: string;
-  bratsLayout?: Record<string, string>;
-  skipDownload: boolean;
 }
 
 export async function createRun(ctx: AppContext, input: CreateRunInput, { idempotencyKey }: { idempotencyKey?: string } = {}): Promise<{ run: RunRow; created: boolean }> {
@@ -72,13 +66,13 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   }
   await ctx.db
     .insert(steps)
-    .values(stepNames.map((name) => ({ runId: id, name, status: 'pending' as const, queue: STEP_QUEUE[name] })))
+    .values(stepNames.map((name) => ({ runId: id, name, status: 'pending' as const, queue: STEPS[name].queue })))
     .onConflictDoNothing();
   try {
-    await ctx.flows.add(buildRunFlow({ runId: id, mode: req.mode, config, dataDir }));
+    await ctx.flows.add(buildRunFlow({ runId: id, mode: req.mode, config }));
   } catch (err) {
     await finishRun(ctx.db, id, 'failed', { message: `could not enqueue the run: ${(err as Error).message}` });
-    throw new SliceWiseError(`could not enqueue run ${id}: ${(err as Error).message}`, { status: 503, code: 'redis_unreachable' });
+    throw new SliceWiseError(`could not enqueue run ${id}: ${(err as Error).message}`, { status: 503, code: 'redis_unreachable', cause: err });
   }
   ctx.logger.info({ runId: id, mode: req.mode, trainingMode: req.trainingMode, brats, kaggle }, `Run ${id} queued (${req.mode}, ${req.trainingMode})`);
   return { run: inserted[0]!, created: true };
@@ -106,7 +100,7 @@ async function resolveDataRun(ctx: AppContext, fromRun?: string): Promise<string
   if (row.status !== 'succeeded' || !['data-only', 'full'].includes(row.mode)) {
     throw new SliceWiseError(`fromRun: run ${row.id} is a ${row.mode} run with status ${row.status}; train-eval needs a succeeded data-only or full run`, { status: 409, code: 'no_data_run' });
   }
-  const splits = join(runDir(row.dataDir, row.id), 'splits', 'brats.json');
+  const splits = runPaths(row.dataDir, row.id).split('brats');
   if (!existsSync(splits)) throw new SliceWiseError(`run ${row.id} has no ${splits} any more; prepare data again`, { status: 409, code: 'no_data_run' });
   return row.id;
 }
@@ -114,9 +108,7 @@ async function resolveDataRun(ctx: AppContext, fromRun?: string): Promise<string
 export async function getRunDetail(ctx: AppContext, runId: string) {
   const run = await getRunRow(ctx.db, runId);
   if (!run) throw new RunNotFoundError(runId);
-  const stepRows = await ctx.db.select().from(steps).where(eq(steps.runId, runId));
-  const order = stepsForMode(run.mode as never);
-  stepRows.sort((a, b) => order.indexOf(a.name as never) - order.indexOf(b.name as never));
+  const stepRows = byStepOrder(await ctx.db.select().from(steps).where(eq(steps.runId, runId)));
   const patientRows = await ctx.db.select().from(patients).where(eq(patients.runId, runId)).orderBy(asc(patients.patientId));
   const [kaggleCounts] = await ctx.db
     .select({ n: count() })

@@ -1,0 +1,85 @@
+/**
+ * Every environment variable SliceWise reads, declared once: its name, default and effect. Code asks `env()`
+ * for the parsed values instead of reading process.env itself, so a typo'd value fails with the variable's name
+ * and the README's table (checked by a test) cannot drift from what the code reads.
+ *
+ * Read on every call, not cached: tests and the CLI set variables at run time, and parsing a dozen strings is
+ * free next to anything that consults them.
+ */
+import { SliceWiseError } from './lib/errors.ts';
+
+interface Knob<T> {
+  name: string;
+  /** As the README shows it. */
+  default: string;
+  effect: string;
+  parse(raw: string | undefined, name: string): T;
+}
+
+class EnvError extends SliceWiseError {
+  constructor(name: string, raw: string, expected: string) {
+    super(`environment variable ${name}=${raw} is not ${expected}`, { status: 400, code: 'bad_env', details: { name, expected } });
+    this.name = 'EnvError';
+  }
+}
+
+const text = (fallback?: string) => (raw: string | undefined) => (raw?.trim() ? raw.trim() : fallback);
+function positiveInt(): (raw: string | undefined, name: string) => number | undefined;
+function positiveInt(fallback: number): (raw: string | undefined, name: string) => number;
+function positiveInt(fallback?: number) {
+  return (raw: string | undefined, name: string) => {
+    if (!raw?.trim()) return fallback;
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < 1) throw new EnvError(name, raw, 'a positive integer');
+    return n;
+  };
+}
+const flag = (raw: string | undefined, name: string) => {
+  if (!raw?.trim()) return false;
+  if (raw === '1' || raw === 'true') return true;
+  if (raw === '0' || raw === 'false') return false;
+  throw new EnvError(name, raw, '1 or 0');
+};
+const oneOf =
+  <const T extends string>(choices: readonly T[]) =>
+  (raw: string | undefined, name: string): T | undefined => {
+    const v = raw?.trim().toLowerCase();
+    if (!v) return undefined;
+    if (!(choices as readonly string[]).includes(v)) throw new EnvError(name, raw!, `one of ${choices.join(', ')}`);
+    return v as T;
+  };
+
+function knob<T>(name: string, def: string, effect: string, parse: (raw: string | undefined, name: string) => T): Knob<T> {
+  return { name, default: def, effect, parse };
+}
+
+export const ENV_KNOBS = {
+  redisUrl: knob('REDIS_URL', 'none: `slicewise pipeline` starts a private redis-server', 'the shared Redis every process of a deployment uses', text()),
+  databaseUrl: knob('DATABASE_URL', 'none: embedded PGlite under the data dir', 'the shared Postgres (`postgres://...`)', text()),
+  logLevel: knob('LOG_LEVEL', '`info` (`warn` for `slicewise pipeline`)', 'pino log level', text()),
+  logSilent: knob('SLICEWISE_LOG', 'unset', '`silent` turns every log line off (tests)', (raw) => raw?.trim() === 'silent'),
+  dataDir: knob('SLICEWISE_DATA_DIR', '`data`', 'default `--data-dir` of `slicewise api` and `slicewise worker`', text()),
+  port: knob('PORT', '`8787`', 'default `--port` of `slicewise api`', positiveInt()),
+  host: knob('HOST', '`127.0.0.1`', 'default `--host` of `slicewise api`', text()),
+  queuePrefix: knob('SLICEWISE_QUEUE_PREFIX', '`slicewise`', 'BullMQ key prefix: deployments sharing one Redis keep apart with it', text()),
+  configDir: knob('SLICEWISE_CONFIG_DIR', 'the repository\'s `configs/`', 'where base.yaml, modes/ and stages/ are read', text()),
+  noInstall: knob('SLICEWISE_NO_INSTALL', '`0`', '`1`: never install redis-server with apt-get', flag),
+  trainPool: knob('SLICEWISE_TRAIN_POOL', '`1`', 'training jobs running at once across all train workers (the GPU pool)', positiveInt(1)),
+  trainLockMs: knob('SLICEWISE_TRAIN_LOCK_MS', '`120000`', 'lock of a training job; a killed train worker\'s job is taken over after this', positiveInt(120_000)),
+  trainReplicas: knob('SLICEWISE_TRAIN_REPLICAS', 'min(cores, 2) on wasm/cpu, 1 on tensorflow', 'data-parallel training replicas per stage', positiveInt()),
+  tfBackend: knob('SLICEWISE_TF_BACKEND', 'the first that loads: tensorflow, wasm, cpu', 'forces the tfjs backend', oneOf(['tensorflow', 'wasm', 'cpu'] as const)),
+  wasmThreads: knob('SLICEWISE_WASM_THREADS', 'CPU count (at most 8; one share per replica)', 'threads of the wasm convolution kernels', positiveInt()),
+  wasmNoSimdKernels: knob('SLICEWISE_WASM_NO_SIMD_KERNELS', '`0`', '`1`: use the engine\'s portable kernels instead of its SIMD ones (for comparison)', flag),
+  noColor: knob('NO_COLOR', 'unset', 'set: no colours in the CLI\'s output', (raw) => raw !== undefined && raw !== ''),
+  fixtures: knob('SLICEWISE_FIXTURES', '`../shared/fixtures`', 'real fixtures read by tests, `npm run bench` and `npm run check:real`', text()),
+} as const;
+
+type Knobs = typeof ENV_KNOBS;
+export type EnvSettings = { [K in keyof Knobs]: ReturnType<Knobs[K]['parse']> };
+
+/** The parsed environment (see ENV_KNOBS). Throws an error naming the variable when a value is malformed. */
+export function env(source: NodeJS.ProcessEnv = process.env): EnvSettings {
+  const out: Record<string, unknown> = {};
+  for (const [key, k] of Object.entries(ENV_KNOBS)) out[key] = (k as Knob<unknown>).parse(source[k.name], k.name);
+  return out as EnvSettings;
+}
