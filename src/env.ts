@@ -23,7 +23,11 @@ class EnvError extends SliceWiseError {
   }
 }
 
-const text = (fallback?: string) => (raw: string | undefined) => (raw?.trim() ? raw.trim() : fallback);
+function text(): (raw: string | undefined) => string | undefined;
+function text(fallback: string): (raw: string | undefined) => string;
+function text(fallback?: string) {
+  return (raw: string | undefined) => (raw?.trim() ? raw.trim() : fallback);
+}
 function positiveInt(): (raw: string | undefined, name: string) => number | undefined;
 function positiveInt(fallback: number): (raw: string | undefined, name: string) => number;
 function positiveInt(fallback?: number) {
@@ -71,7 +75,12 @@ export const ENV_KNOBS = {
   wasmThreads: knob('SLICEWISE_WASM_THREADS', 'CPU count (at most 8; one share per replica)', 'threads of the wasm convolution kernels', positiveInt()),
   wasmNoSimdKernels: knob('SLICEWISE_WASM_NO_SIMD_KERNELS', '`0`', '`1`: use the engine\'s portable kernels instead of its SIMD ones (for comparison)', flag),
   noColor: knob('NO_COLOR', 'unset', 'set: no colours in the CLI\'s output', (raw) => raw !== undefined && raw !== ''),
+  kaggleUsername: knob('KAGGLE_USERNAME', 'unset', 'Kaggle API user, with KAGGLE_KEY (only the download workers need them); else ~/.kaggle/kaggle.json', text()),
+  kaggleKey: knob('KAGGLE_KEY', 'unset', 'Kaggle API key: a secret, never written to job data, logs, Bull Board or the database', text()),
+  kaggleConfigDir: knob('KAGGLE_CONFIG_DIR', '`~/.kaggle`', 'where kaggle.json is looked for', text()),
+  kaggleApiBase: knob('KAGGLE_API_BASE', '`https://www.kaggle.com/api/v1`', 'the Kaggle API (tests point it at a local server)', text('https://www.kaggle.com/api/v1')),
   fixtures: knob('SLICEWISE_FIXTURES', '`../shared/fixtures`', 'real fixtures read by tests, `npm run bench` and `npm run check:real`', text()),
+  benchCpu: knob('SLICEWISE_BENCH_CPU', '`1`', '`0`: `npm run bench` skips the (slow) tfjs cpu backend baseline', (raw, name) => raw?.trim() ? flag(raw, name) : true),
 } as const;
 
 type Knobs = typeof ENV_KNOBS;

@@ -113,4 +113,3 @@ export const metrics = pgTable(
 export type RunRow = typeof runs.$inferSelect;
 export type StepRow = typeof steps.$inferSelect;
 export type RunStatus = RunRow['status'];
-export type StepStatus = StepRow['status'];

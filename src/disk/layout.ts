@@ -246,11 +246,11 @@ export function writeKaggleSplit(file: string, split: KaggleSplit): Promise<void
   return writeJsonAtomic(file, split);
 }
 
-export function readBratsSplit(file: string): Promise<BratsSplit> {
+function readBratsSplit(file: string): Promise<BratsSplit> {
   return readTyped(file, BratsSplitSchema);
 }
 
-export function readKaggleSplit(file: string): Promise<KaggleSplit> {
+function readKaggleSplit(file: string): Promise<KaggleSplit> {
   return readTyped(file, KaggleSplitSchema);
 }
 

@@ -81,7 +81,7 @@ async function listDir(dir: string) {
  * holding a `*_seg.nii[.gz]` (training data), else of one holding `*_flair.nii[.gz]`. Kaggle: the first
  * directory with both `yes` and `no` subdirectories. Undefined when nothing matches.
  */
-export async function locateDataRoot(root: string, kind: DatasetKind): Promise<string | undefined> {
+async function locateDataRoot(root: string, kind: DatasetKind): Promise<string | undefined> {
   let queue: string[] = [root];
   let flairFallback: string | undefined;
   for (let depth = 0; depth <= 5 && queue.length; depth++) {

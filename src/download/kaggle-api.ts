@@ -6,6 +6,7 @@ import { inspect } from 'node:util';
 import { SliceWiseError } from '../lib/errors.ts';
 import { downloadFile } from './fetch.ts';
 import { extractArchive } from './extract.ts';
+import { env } from '../env.ts';
 
 export interface KaggleCredentials {
   username: string;
@@ -35,12 +36,11 @@ function guarded(username: string, key: string): KaggleCredentials {
  * SliceWiseError(400, 'kaggle_credentials') naming both options; the key never appears in an error.
  * The returned object hides the key from JSON.stringify and util.inspect.
  */
-export function kaggleCredentials(env: NodeJS.ProcessEnv = process.env, home: string = homedir()): KaggleCredentials {
-  const user = env.KAGGLE_USERNAME?.trim();
-  const key = env.KAGGLE_KEY?.trim();
+export function kaggleCredentials(source: NodeJS.ProcessEnv = process.env, home: string = homedir()): KaggleCredentials {
+  const { kaggleUsername: user, kaggleKey: key, kaggleConfigDir } = env(source);
   if (user && key) return guarded(user, key);
 
-  const dir = env.KAGGLE_CONFIG_DIR?.trim() || join(home, '.kaggle');
+  const dir = kaggleConfigDir || join(home, '.kaggle');
   const file = join(dir, 'kaggle.json');
   let text: string;
   try {
@@ -100,7 +100,7 @@ export async function downloadKaggleDataset(owner: string, dataset: string, dest
     throw new SliceWiseError(`bad Kaggle dataset reference ${JSON.stringify(`${owner}/${dataset}`)}`, { status: 400, code: 'bad_source' });
   }
   const creds = opts.credentials ?? kaggleCredentials();
-  const apiBase = (opts.apiBase ?? process.env.KAGGLE_API_BASE ?? 'https://www.kaggle.com/api/v1').replace(/\/+$/, '');
+  const apiBase = (opts.apiBase ?? env().kaggleApiBase).replace(/\/+$/, '');
   const url = `${apiBase}/datasets/download/${encodeURIComponent(owner)}/${encodeURIComponent(dataset)}`;
   const zipPath = join(destDir, 'download', `${owner}__${dataset}.zip`);
   const ref = `kaggle:${owner}/${dataset}`;

@@ -56,7 +56,7 @@ export function parseLayout(spec: string): BratsLayout {
 }
 
 /** Glob (`*`, `?`) to an anchored, case-insensitive RegExp over a file name. */
-export function globToRegExp(glob: string): RegExp {
+function globToRegExp(glob: string): RegExp {
   let re = '';
   for (const ch of glob) {
     if (ch === '*') re += '.*';
@@ -66,7 +66,7 @@ export function globToRegExp(glob: string): RegExp {
   return new RegExp(`^${re}$`, 'i');
 }
 
-export function formatLayout(layout: BratsLayout): string {
+function formatLayout(layout: BratsLayout): string {
   return Object.entries(layout)
     .map(([k, v]) => `${k}=${v}`)
     .join(',');

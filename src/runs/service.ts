@@ -15,7 +15,7 @@ import { STEPS } from '../workers/registry.ts';
 import { CreateRunSchema, type CreateRunInput, type RunSources } from './input.ts';
 import { byStepOrder, stepsForMode } from './modes.ts';
 import { buildResults } from './results.ts';
-import { closeOpenSteps, finishRun, getRunRow } from './store.ts';
+import { closeOpenSteps, finishRun, getRunRow, isTerminal } from './store.ts';
 
 export class RunNotFoundError extends SliceWiseError {
   constructor(runId: string) {
@@ -25,7 +25,7 @@ export class RunNotFoundError extends SliceWiseError {
 }
 
 /** Sortable by time, readable in a terminal: run-20261126-121500-3fa9c2. */
-export function newRunId(now = new Date()): string {
+function newRunId(now = new Date()): string {
   const t = now.toISOString().replace(/[-:]/g, '').replace('T', '-').slice(0, 15);
   return `run-${t}-${randomBytes(3).toString('hex')}`;
 }
@@ -166,7 +166,7 @@ export async function listArtifacts(ctx: AppContext, runId: string) {
 export async function cancelRun(ctx: AppContext, runId: string): Promise<RunRow> {
   const run = await getRunRow(ctx.db, runId);
   if (!run) throw new RunNotFoundError(runId);
-  if (run.status === 'succeeded' || run.status === 'failed' || run.status === 'cancelled') {
+  if (isTerminal(run.status)) {
     throw new SliceWiseError(`run ${runId} is already ${run.status}; nothing to cancel`, { status: 409, code: 'run_finished' });
   }
   await finishRun(ctx.db, runId, 'cancelled', { message: 'cancelled by request' });

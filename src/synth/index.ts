@@ -41,7 +41,7 @@ export const SYNTH_DEFAULTS = {
 } as const;
 
 /** Bumped whenever the generator's output changes for a given seed. */
-export const SYNTH_GENERATOR_VERSION = 1;
+const SYNTH_GENERATOR_VERSION = 1;
 
 export const SYNTHETIC_LABEL_FILE = 'SYNTHETIC.txt';
 

@@ -83,7 +83,7 @@ export function generateKagglePixels(cls: KaggleClass, index: number, seed: numb
 }
 
 /** Encode 8-bit grayscale pixels as a single-channel JPEG. */
-export function encodeGrayJpeg(pixels: Uint8Array, size: number): Promise<Buffer> {
+function encodeGrayJpeg(pixels: Uint8Array, size: number): Promise<Buffer> {
   return sharp(Buffer.from(pixels.buffer, pixels.byteOffset, pixels.byteLength), {
     raw: { width: size, height: size, channels: 1 },
   })

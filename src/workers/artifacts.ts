@@ -4,7 +4,7 @@ import { stat } from 'node:fs/promises';
 import type { Db } from '../db/client.ts';
 import { artifacts } from '../db/schema.ts';
 
-export async function sha256File(path: string): Promise<string> {
+async function sha256File(path: string): Promise<string> {
   const h = createHash('sha256');
   for await (const chunk of createReadStream(path)) h.update(chunk as Buffer);
   return h.digest('hex');

@@ -28,7 +28,7 @@ export interface PatientResult {
   outDir: string;
 }
 
-export function preprocessOptions(config: Config): PreprocessOptions {
+function preprocessOptions(config: Config): PreprocessOptions {
   return {
     imageSize: config.data.image_size,
     modalities: config.data.modalities,

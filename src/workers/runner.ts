@@ -17,7 +17,7 @@ import { RunStoppedError, StepAbortedError } from './errors.ts';
 import type { StepThreadPool } from './step-threads.ts';
 
 /** Bad input (a 4xx SliceWiseError: a corrupt file, a missing folder) fails the same way on every attempt. */
-export function isPermanent(err: unknown): boolean {
+function isPermanent(err: unknown): boolean {
   if (err instanceof UnrecoverableError || (err as Error)?.name === 'UnrecoverableError') return true;
   return err instanceof SliceWiseError && err.status >= 400 && err.status < 500;
 }
