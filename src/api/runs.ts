@@ -11,7 +11,7 @@ async function jsonBody(req: Request): Promise<unknown> {
   try {
     return JSON.parse(text);
   } catch (err) {
-    throw new SliceWiseError(`request body is not valid JSON: ${(err as Error).message}`, { status: 400, code: 'invalid_json' });
+    throw new SliceWiseError(`request body is not valid JSON: ${(err as Error).message}`, { status: 400, code: 'invalid_json', cause: err });
   }
 }
 

@@ -46,7 +46,7 @@ export async function openDb({ url = env().databaseUrl, pgliteDir, migrate = tru
       await pool.query('select 1');
     } catch (err) {
       await pool.end().catch(() => {});
-      throw new SliceWiseError(`cannot reach Postgres at ${where}: ${(err as Error).message}`, { status: 503, code: 'db_unreachable' });
+      throw new SliceWiseError(`cannot reach Postgres at ${where}: ${(err as Error).message}`, { status: 503, code: 'db_unreachable', cause: err });
     }
     if (migrate) await migratePg(drizzlePg(pool), { migrationsFolder: MIGRATIONS });
     return { db, kind: 'postgres', where, close: () => pool.end() };
@@ -60,7 +60,7 @@ export async function openDb({ url = env().databaseUrl, pgliteDir, migrate = tru
     throw new SliceWiseError(
       `cannot open the embedded database in ${dir}: ${(err as Error).message}. ` +
         'PGlite serves one process: if another slicewise process uses this data dir, stop it or set DATABASE_URL.',
-      { status: 503, code: 'db_unreachable' },
+      { status: 503, code: 'db_unreachable', cause: err },
     );
   }
   const db = drizzlePglite(client, { schema }) as unknown as Db;

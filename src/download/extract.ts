@@ -158,6 +158,7 @@ async function extractZip(file: string, root: string, opts: ExtractOptions): Pro
       status: 422,
       code: 'bad_archive',
       details: { file: basename(file) },
+      cause: err,
     });
   }
   const total = zip.entryCount;
@@ -222,6 +223,7 @@ async function extractZip(file: string, root: string, opts: ExtractOptions): Pro
       status: 422,
       code: 'bad_archive',
       details: { file: basename(file) },
+      cause: err,
     });
   }
   return { entries, skipped };
@@ -262,7 +264,7 @@ async function extractTar(file: string, root: string, opts: ExtractOptions): Pro
     const msg = err instanceof Error ? err.message : String(err);
     const m = /path contains '\.\.'|absolute|outside/i.test(msg);
     if (m) throw slipError(file, (err as { path?: string }).path ?? msg);
-    throw new SliceWiseError(`${basename(file)}: corrupt tar archive (${msg})`, { status: 422, code: 'bad_archive', details: { file: basename(file) } });
+    throw new SliceWiseError(`${basename(file)}: corrupt tar archive (${msg})`, { status: 422, code: 'bad_archive', details: { file: basename(file) }, cause: err });
   }
   if (escaped !== undefined) throw slipError(file, escaped);
   checkAbort(opts.signal);

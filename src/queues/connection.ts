@@ -28,6 +28,7 @@ export async function assertRedisReachable(url: string, timeoutMs = 3000): Promi
     throw new SliceWiseError(`cannot reach Redis at ${redactPassword(url)}: ${(err as Error).message}. Is redis-server running? (set REDIS_URL, or unset it to let slicewise start a private one)`, {
       status: 503,
       code: 'redis_unreachable',
+      cause: err,
     });
   } finally {
     probe.disconnect();
