@@ -10,7 +10,7 @@ import { eq } from 'drizzle-orm';
 import { encodeNifti } from '../src/imaging/nifti-write.ts';
 import { patients } from '../src/db/schema.ts';
 import { jobId } from '../src/queues/names.ts';
-import { harness, json, postRun, waitForRun, type Harness } from './helpers/services.ts';
+import { harness, harnessWithScratch, json, postRun, waitForRun, type Harness } from './helpers/services.ts';
 
 /** A small BraTS-2020-named case: a bright ellipsoid with a tumour blob, seg labels {0, 2}. */
 function volume(dims: [number, number, number], tumour = true) {
@@ -45,16 +45,7 @@ async function writeCase(root: string, id: string, opts: { dims?: [number, numbe
 }
 
 describe('bad input fails the run with a message naming patient and file', () => {
-  let h: Harness;
-  let root: string;
-  beforeAll(async () => {
-    h = await harness('postgres');
-    root = await mkdtemp(join(tmpdir(), 'slicewise-bad-'));
-  });
-  afterAll(async () => {
-    await h?.close();
-    await rm(root, { recursive: true, force: true });
-  });
+  const scope = harnessWithScratch('postgres', 'slicewise-bad-');
 
   const good = 'BraTS20_Training_001';
   const bad = 'BraTS20_Training_002';
@@ -74,6 +65,7 @@ describe('bad input fails the run with a message naming patient and file', () =>
   ];
 
   it.each(cases)('%s', async (name, makeBad, fileRe) => {
+    const { h, root } = scope;
     const dir = join(root, name.replace(/\W+/g, '-'));
     await writeCase(dir, good);
     await makeBad(dir);
@@ -98,6 +90,7 @@ describe('bad input fails the run with a message naming patient and file', () =>
   });
 
   it('one failed run leaves another run unaffected', async () => {
+    const { h } = scope;
     const res = await postRun(h.app, { mode: 'data-only', sources: { brats: 'synthetic:2', kaggle: 'synthetic:4' }, overrides: { data: { image_size: 32 } } });
     const { run } = await json(res);
     expect((await waitForRun(h.app, run.id)).status).toBe('succeeded');

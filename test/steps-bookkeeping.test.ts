@@ -3,11 +3,10 @@
  * (preprocess_brats, in the worker's main thread) that fail on bad input must leave the same rows: the step's row,
  * the run's verdict and pipeline_results.json, in the same shape.
  */
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { harness, json, postRun, waitForRun, type Harness } from './helpers/services.ts';
+import { describe, expect, it } from 'vitest';
+import { harnessWithScratch, json, postRun, waitForRun } from './helpers/services.ts';
 
 /** The JSON types of an object's values: what "the same shape" means for a row. */
 function shape(o: Record<string, unknown>): Record<string, string> {
@@ -15,18 +14,10 @@ function shape(o: Record<string, unknown>): Record<string, string> {
 }
 
 describe('failed steps leave the same rows, sandboxed or not', () => {
-  let h: Harness;
-  let root: string;
-  beforeAll(async () => {
-    h = await harness('postgres');
-    root = await mkdtemp(join(tmpdir(), 'slicewise-rows-'));
-  });
-  afterAll(async () => {
-    await h?.close();
-    await rm(root, { recursive: true, force: true });
-  });
+  const scope = harnessWithScratch('postgres', 'slicewise-rows-');
 
   async function failedRun(sources: { brats: string; kaggle: string }) {
+    const { h } = scope;
     const { run } = await json(await postRun(h.app, { mode: 'data-only', sources, overrides: { data: { image_size: 32 } } }));
     const done = await waitForRun(h.app, run.id);
     const results = await json(await h.app.request(`/runs/${run.id}/results`));
@@ -34,6 +25,7 @@ describe('failed steps leave the same rows, sandboxed or not', () => {
   }
 
   it('preprocess_kaggle (sandboxed) and preprocess_brats (in-process)', async () => {
+    const { root } = scope;
     // Kaggle: yes/ and no/ exist but hold no image -> preprocess_kaggle fails in its thread with a 422.
     const kaggle = join(root, 'kaggle-empty');
     await mkdir(join(kaggle, 'yes'), { recursive: true });

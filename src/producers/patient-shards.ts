@@ -9,7 +9,7 @@ import type { AppContext } from '../context.ts';
 import { jobId } from '../queues/names.ts';
 import { SHARD_RETENTION } from '../queues/retention.ts';
 import { upsertPatient } from '../runs/store.ts';
-import { attemptsOf, type RunJobData, type StepDefinition } from '../workers/define.ts';
+import { attemptsOf, backoffOf, type RunJobData, type StepDefinition } from '../workers/define.ts';
 
 export async function addPatientShards<D extends RunJobData>(
   ctx: AppContext,
@@ -25,7 +25,7 @@ export async function addPatientShards<D extends RunJobData>(
         parent: { id: parent.id!, queue: parent.queueQualifiedName },
         failParentOnFailure: true,
         attempts: attemptsOf(step, config),
-        backoff: step.backoff,
+        backoff: backoffOf(step),
         ...SHARD_RETENTION,
       },
     })),

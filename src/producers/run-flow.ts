@@ -23,7 +23,7 @@ import { STEP_RETENTION } from '../queues/retention.ts';
 import type { PipelineMode } from '../runs/input.ts';
 import { stepsForMode, type StepName } from '../runs/modes.ts';
 import type { RunJobData } from '../workers/define.ts';
-import { attemptsOf } from '../workers/define.ts';
+import { attemptsOf, backoffOf } from '../workers/define.ts';
 import { STEPS } from '../workers/registry.ts';
 
 export interface RunFlowInput {
@@ -40,7 +40,7 @@ export function buildRunFlow({ runId, mode, config }: RunFlowInput): FlowJob {
       name: step,
       queueName: def.queue,
       data: { runId } satisfies RunJobData,
-      opts: { jobId: jobId(runId, step), attempts: attemptsOf(def, config), backoff: def.backoff, failParentOnFailure: true, ...STEP_RETENTION, ...extra },
+      opts: { jobId: jobId(runId, step), attempts: attemptsOf(def, config), backoff: backoffOf(def), failParentOnFailure: true, ...STEP_RETENTION, ...extra },
       children,
     };
   };

@@ -8,6 +8,7 @@ import { z } from 'zod';
 import type { Config } from '../config/schema.ts';
 import type { AppContext } from '../context.ts';
 import type { RunRow } from '../db/schema.ts';
+import { SliceWiseError } from '../lib/errors.ts';
 import type { QueueName } from '../queues/names.ts';
 import type { JobName, StepName } from '../runs/modes.ts';
 
@@ -60,9 +61,10 @@ interface StepCommon<D, R> {
   name: JobName;
   queue: QueueName;
   data: z.ZodType<D>;
-  /** Attempts before the step fails the run (bad input, a 4xx error, is never retried). */
-  attempts: number | ((config: Config) => number);
-  backoff: BackoffOptions;
+  /** Attempts before the step fails the run (bad input, a 4xx error, is never retried). Default: 2. */
+  attempts?: number | ((config: Config) => number);
+  /** Wait between attempts. Default: exponential from 2 s. */
+  backoff?: BackoffOptions;
   /** Run even when the run was cancelled or has failed (finalize settles every run). Default: false. */
   evenIfStopped?: boolean;
   shard?: ShardOf<D, R>;
@@ -92,10 +94,22 @@ export function defineStep<D extends RunJobData, R>(def: SandboxedStep<D, R> | I
 }
 
 export function attemptsOf(def: StepDefinition, config: Config): number {
-  return typeof def.attempts === 'function' ? def.attempts(config) : def.attempts;
+  const a = def.attempts ?? 2;
+  return typeof a === 'function' ? a(config) : a;
 }
 
-/** The flow children's result of a given kind; a missing one means the flow was built wrong. */
+export function backoffOf(def: StepDefinition): BackoffOptions {
+  return def.backoff ?? { type: 'exponential', delay: 2000 };
+}
+
+/** The flow children's result of a given kind, if there is one. */
 export function childOfKind<T extends { kind: string }>(results: unknown[], kind: T['kind']): T | undefined {
   return results.find((v): v is T => typeof v === 'object' && v !== null && (v as { kind?: unknown }).kind === kind);
+}
+
+/** The flow child's result a step cannot do without: its absence means the flow was built wrong. */
+export async function requireChild<T extends { kind: string }>({ childResults, step }: { childResults(): Promise<unknown[]>; step: string }, kind: T['kind']): Promise<T> {
+  const found = childOfKind<T>(await childResults(), kind);
+  if (!found) throw new SliceWiseError(`${step} found no ${kind} result among its children`, { code: 'flow_broken' });
+  return found;
 }

@@ -30,7 +30,6 @@ export const finalize = defineStep({
   queue: 'pipeline',
   data: RunJobData,
   attempts: 3,
-  backoff: { type: 'exponential', delay: 2000 },
   evenIfStopped: true,
   async run({ ctx, job, run, log }) {
     const failures = await job.getIgnoredChildrenFailures();

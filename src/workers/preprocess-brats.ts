@@ -7,11 +7,10 @@ import { z } from 'zod';
 import { patientCount } from '../config/load.ts';
 import { runPaths } from '../disk/layout.ts';
 import { discoverPatients } from '../imaging/layout.ts';
-import { SliceWiseError } from '../lib/errors.ts';
 import { addPatientShards } from '../producers/patient-shards.ts';
 import type { RunSources } from '../runs/input.ts';
 import { choosePatients } from '../splits/index.ts';
-import { childOfKind, defineStep, RunJobData } from './define.ts';
+import { defineStep, requireChild, RunJobData } from './define.ts';
 import type { DownloadResult } from './download-dataset.ts';
 import { preprocessPatientStep, type PatientJobData, type PatientResult } from './preprocess-patient.ts';
 
@@ -30,13 +29,10 @@ export const preprocessBrats = defineStep({
   name: 'preprocess_brats',
   queue: 'pipeline',
   data: CoordinatorData,
-  attempts: 2,
-  backoff: { type: 'exponential', delay: 2000 },
   async run({ ctx, job, token, data, run, config, progress, childResults, log }) {
     const outDir = runPaths(run.dataDir, run.id).processedBrats;
     if ((data.phase ?? 'fan-out') === 'fan-out') {
-      const download = childOfKind<DownloadResult>(await childResults(), 'download');
-      if (!download) throw new SliceWiseError('preprocess_brats found no download result among its children', { code: 'flow_broken' });
+      const download = await requireChild<DownloadResult>({ childResults, step: 'preprocess_brats' }, 'download');
       const found = await discoverPatients(download.dir, (run.sources as RunSources).bratsLayout);
       const chosen = new Set(choosePatients(found.map((p) => p.patientId), patientCount(found.length, config.data), config.seed));
       const selected = found.filter((p) => chosen.has(p.patientId));

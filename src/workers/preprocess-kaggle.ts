@@ -1,8 +1,7 @@
 /** preprocess_kaggle: the Kaggle images -> processed/kaggle/{images.npy, labels.npy, meta.json}; sandboxed (CPU-bound). */
 import { runPaths } from '../disk/layout.ts';
 import { preprocessKaggleDataset } from '../imaging/kaggle.ts';
-import { SliceWiseError } from '../lib/errors.ts';
-import { childOfKind, defineStep, RunJobData } from './define.ts';
+import { defineStep, requireChild, RunJobData } from './define.ts';
 import type { DownloadResult } from './download-dataset.ts';
 import { throwIfAborted } from './errors.ts';
 
@@ -20,11 +19,8 @@ export const preprocessKaggle = defineStep({
   queue: 'preprocess',
   sandboxed: true,
   data: RunJobData,
-  attempts: 2,
-  backoff: { type: 'exponential', delay: 2000 },
   async run({ run, config, signal, progress, childResults }) {
-    const download = childOfKind<DownloadResult>(await childResults(), 'download');
-    if (!download) throw new SliceWiseError('preprocess_kaggle found no download result among its children', { code: 'flow_broken' });
+    const download = await requireChild<DownloadResult>({ childResults, step: 'preprocess_kaggle' }, 'download');
     const outDir = runPaths(run.dataDir, run.id).processedKaggle;
     let last = 0;
     const res = await preprocessKaggleDataset(download.dir, outDir, {

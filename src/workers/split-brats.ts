@@ -2,10 +2,9 @@
 import { and, eq, inArray } from 'drizzle-orm';
 import { patients } from '../db/schema.ts';
 import { runPaths, SPLIT_NAMES, writeBratsSplit } from '../disk/layout.ts';
-import { SliceWiseError } from '../lib/errors.ts';
 import { splitPatients } from '../splits/index.ts';
 import { recordArtifact } from './artifacts.ts';
-import { childOfKind, defineStep, RunJobData } from './define.ts';
+import { defineStep, requireChild, RunJobData } from './define.ts';
 import type { PreprocessBratsResult } from './preprocess-brats.ts';
 
 export interface SplitResult {
@@ -16,15 +15,13 @@ export interface SplitResult {
   test: number;
 }
 
+// Declared in full, as every step is (define.ts): the same shape as its sibling steps' declarations by design.
 export const splitBrats = defineStep({
   name: 'split_brats',
   queue: 'split',
   data: RunJobData,
-  attempts: 2,
-  backoff: { type: 'exponential', delay: 2000 },
   async run({ ctx, run, config, childResults }) {
-    const pre = childOfKind<PreprocessBratsResult>(await childResults(), 'preprocess_brats');
-    if (!pre) throw new SliceWiseError('split_brats found no preprocess_brats result among its children', { code: 'flow_broken' });
+    const pre = await requireChild<PreprocessBratsResult>({ childResults, step: 'split_brats' }, 'preprocess_brats');
     const splits = splitPatients(pre.patients.map((p) => p.patientId), config.data.splits, config.seed);
     const slicesOf = new Map(pre.patients.map((p) => [p.patientId, p.slices]));
     const slices = (ids: string[]) => ids.reduce((a, id) => a + (slicesOf.get(id) ?? 0), 0);

@@ -2,25 +2,22 @@
 import { sql } from 'drizzle-orm';
 import { kaggleImages } from '../db/schema.ts';
 import { kaggleFiles, readKaggleMeta, runPaths, SPLIT_NAMES, writeKaggleSplit, type SplitName } from '../disk/layout.ts';
-import { SliceWiseError } from '../lib/errors.ts';
 import { splitStratified } from '../splits/index.ts';
 import { recordArtifact } from './artifacts.ts';
-import { childOfKind, defineStep, RunJobData } from './define.ts';
+import { defineStep, requireChild, RunJobData } from './define.ts';
 import type { KaggleResult } from './preprocess-kaggle.ts';
 import type { SplitResult } from './split-brats.ts';
 
 /** The value the conflicting INSERT tried to write. */
 const excluded = (column: string) => sql.raw(`excluded.${column}`);
 
+// Declared in full, as every step is (define.ts): the same shape as its sibling steps' declarations by design.
 export const splitKaggle = defineStep({
   name: 'split_kaggle',
   queue: 'split',
   data: RunJobData,
-  attempts: 2,
-  backoff: { type: 'exponential', delay: 2000 },
   async run({ ctx, run, config, childResults }) {
-    const pre = childOfKind<KaggleResult>(await childResults(), 'preprocess_kaggle');
-    if (!pre) throw new SliceWiseError('split_kaggle found no preprocess_kaggle result among its children', { code: 'flow_broken' });
+    const pre = await requireChild<KaggleResult>({ childResults, step: 'split_kaggle' }, 'preprocess_kaggle');
     const meta = await readKaggleMeta(kaggleFiles(pre.outDir));
     const splits = splitStratified(meta.items, (i) => i.label, (i) => i.relPath, config.data.splits, config.seed);
     const splitOf = new Map<string, SplitName>();

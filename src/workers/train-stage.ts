@@ -19,6 +19,9 @@ import { childOfKind, type InProcessContext, type RunJobData, type StepOutcome }
 import { RunStoppedError } from './errors.ts';
 import { trainInThread, TrainingStoppedError } from './train-runner.ts';
 
+/** A killed training job resumes from its last epoch checkpoint, so a retry costs at most one epoch. */
+export const TRAIN_RETRY = { attempts: 3, backoff: { type: 'fixed', delay: 5000 } } as const;
+
 export interface TrainResult {
   kind: 'train';
   stage: StageName;

@@ -1,13 +1,12 @@
 /** train_stage3_joint: Stage 3: joint fine-tuning of everything, from stage 2's best checkpoint. */
 import { defineStep, RunJobData } from './define.ts';
-import { trainStage } from './train-stage.ts';
+import { TRAIN_RETRY, trainStage } from './train-stage.ts';
 
+// Declared in full, as every step is (define.ts): the same shape as its sibling steps' declarations by design.
 export const trainStage3Joint = defineStep({
   name: 'train_stage3_joint',
   queue: 'train',
   data: RunJobData,
-  // A killed training job resumes from its last epoch checkpoint, so a retry costs at most one epoch.
-  attempts: 3,
-  backoff: { type: 'fixed', delay: 5000 },
+  ...TRAIN_RETRY,
   run: (s) => trainStage('train_stage3_joint', 'joint', { from: 'train_stage2_cls_head' }, s),
 });

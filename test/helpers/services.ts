@@ -3,6 +3,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import pg from 'pg';
+import { afterAll, beforeAll } from 'vitest';
 import { createApp } from '../../src/api/app.ts';
 import { createContext, type AppContext } from '../../src/context.ts';
 import { openDb, type DbHandle } from '../../src/db/client.ts';
@@ -103,4 +104,21 @@ export async function waitForRun(app: Harness['app'], runId: string, timeoutMs =
 
 export function postRun(app: Harness['app'], body: unknown, headers: Record<string, string> = {}) {
   return app.request('/runs', { method: 'POST', body: JSON.stringify(body), headers: { 'content-type': 'application/json', ...headers } });
+}
+
+/**
+ * A harness and a scratch folder for one describe block: made before its tests, closed and removed after them.
+ * Read `scope.h` and `scope.root` inside the tests.
+ */
+export function harnessWithScratch(kind: DbKind, scratchPrefix: string): { h: Harness; root: string } {
+  const scope = {} as { h: Harness; root: string };
+  beforeAll(async () => {
+    scope.h = await harness(kind);
+    scope.root = await mkdtemp(join(tmpdir(), scratchPrefix));
+  });
+  afterAll(async () => {
+    await scope.h?.close();
+    if (scope.root) await rm(scope.root, { recursive: true, force: true });
+  });
+  return scope;
 }
