@@ -9,12 +9,13 @@
  *
  *   npx tsx bench/preprocess.ts        prints a table and writes bench/results/preprocess.json
  */
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { realpathSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { gunzipSync } from 'node:zlib';
+import { printTable, writeResult } from 'tfjs-wasm-training/bench/table';
 import { preprocessPatient } from '../src/imaging/brats.js';
 import { discoverPatients, type PatientFiles } from '../src/imaging/layout.js';
 import { readNiftiRaw } from '../src/imaging/nifti.js';
@@ -162,7 +163,13 @@ async function benchCase(name: string, patient: PatientFiles, outDir: string): P
 
 const round = (x: number, digits = 1): number => Math.round(x * 10 ** digits) / 10 ** digits;
 
-export async function runPreprocessBench(): Promise<object> {
+export interface PreprocessBenchResult {
+  bench: 'preprocess';
+  cases: CaseResult[];
+  [key: string]: unknown;
+}
+
+export async function runPreprocessBench(): Promise<PreprocessBenchResult> {
   const work = await mkdtemp(join(tmpdir(), 'slicewise-bench-'));
   try {
     const fixture = (await discoverPatients(join(fixturesRoot(), 'brats2015-deepmedic'), { flair: 'Flair_*.nii.gz', seg: 'OTMultiClass.nii.gz' })).find(
@@ -194,7 +201,7 @@ export async function runPreprocessBench(): Promise<object> {
   }
 }
 
-function printTable(result: { cases: CaseResult[] }): void {
+export function printPreprocessTable(result: PreprocessBenchResult): void {
   const rows = [
     ['case', 'kept', 'preprocess ms', 'read ms', 'gunzip floor ms', 'ratio', 'cpu ms', 'floor cpu ms', 'cpu ratio'],
     ...result.cases.map((c) => [
@@ -209,20 +216,13 @@ function printTable(result: { cases: CaseResult[] }): void {
       `${c.cpu_ratio.toFixed(2)}x`,
     ]),
   ];
-  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
-  for (const [k, r] of rows.entries()) {
-    console.log(r.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  '));
-    if (k === 0) console.log(widths.map((w) => '-'.repeat(w)).join('  '));
-  }
+  printTable(rows);
 }
 
 async function main(): Promise<void> {
-  const result = (await runPreprocessBench()) as { cases: CaseResult[] };
-  printTable(result);
-  const outFile = resolve(here, 'results/preprocess.json');
-  await mkdir(dirname(outFile), { recursive: true });
-  await writeFile(outFile, JSON.stringify(result, null, 2) + '\n');
-  console.log(`\nwritten ${outFile}`);
+  const result = await runPreprocessBench();
+  printPreprocessTable(result);
+  await writeResult(resolve(here, 'results/preprocess.json'), result);
 }
 
 const invoked = process.argv[1] ? pathToFileURL(realpathSync(process.argv[1])).href : '';

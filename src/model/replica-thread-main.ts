@@ -6,8 +6,8 @@
  */
 import { parentPort, workerData } from 'node:worker_threads';
 import type * as tf from '@tensorflow/tfjs';
-import { initBackend } from './backend/index.ts';
 import { installFastCpuKernels } from './cpu-kernels.ts';
+import { initBackend } from './engine.ts';
 import { modelLayout, packVariables, unpackVariables, type FromReplica, type GradientSpec, type ReplicaWorkerData, type ToReplica } from './parallel.ts';
 import { disposeShardTensors, shardGradients, shardTensors } from './shard-grads.ts';
 import { createUNet } from './unet.ts';

@@ -1,10 +1,11 @@
 /**
  * Benchmark: one training step (forward + backward, gradients w.r.t. all parameters) of the small U-Net-like probe
- * net (src/model/backend/probe-net.ts: base 16, depth 2, BatchNorm via tf.moments, 1 input channel) on the wasm
- * backend with our training kernels (src/model/backend/wasm-kernels.ts).
+ * net (src/probe-net.ts: base 16, depth 2, BatchNorm via tf.moments, 1 input channel) on the wasm backend with our
+ * training kernels (src/wasm-kernels.ts).
  *
  * Cases, each in its own child process (a wasm heap never shrinks, and an exhausted one aborts the process):
- * - wasm 128x128 and 256x256, batch 8, our conv kernels on the default threads (the CPUs), and on 1 thread;
+ * - wasm 128x128 and 256x256, batch 8, our conv kernels on the default threads (`threads`, else the CPUs), and on
+ *   1 thread;
  * - wasm 256x256 as 2 micro-batches of 4 with summed gradients, the fallback when batch 8 does not fit the 4 GB
  *   wasm heap (tfjs keeps every forward activation and every backward gradient of the step alive at once);
  * - the same net with BatchNorm as a tf.customGrad (same math, hand-written backward): far fewer tensors kept
@@ -12,35 +13,28 @@
  * - wasm baseline 128x128, batch 8, 1 thread: wasm's own kernels plus only the two missing conv gradients, built
  *   on XNNPACK (the least that training on stock tfjs-backend-wasm needs);
  * - tfjs cpu backend 128x128, batch 1, one step (it needs minutes for one step at batch 8), with wasm on the same
- *   case for the ratio. Skipped when SLICEWISE_BENCH_CPU=0.
+ *   case for the ratio. Skipped with `cpu: false` (--no-cpu).
  *
  * ms/step: median over the timed steps after warm-up (wall time; process CPU time alongside, steadier on a shared
  * machine). Kernel shares: from tf.profile of one extra step: time in the kernels we register vs in wasm's other
  * kernels vs outside kernels (engine, tape, JS glue: that step's wall time minus its kernel time).
  *
- *   npx tsx bench/train-kernels.ts        prints a table and writes bench/results/train-kernels.json
+ *   npx tsx bench/train-kernels.ts [--no-cpu] [--threads N] [--only ID,ID...]
+ *
+ * prints a table and writes bench/results/train-kernels.json (in this package). Applications call
+ * runTrainKernelBench and printTrainKernelTable (tfjs-wasm-training/bench) and keep the JSON where they like.
  */
 import { spawn } from 'node:child_process';
-import { mkdir, writeFile } from 'node:fs/promises';
 import { realpathSync } from 'node:fs';
 import { cpus, loadavg } from 'node:os';
 import { dirname, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { parseArgs } from 'node:util';
 import * as tf from '@tensorflow/tfjs';
-import { BACKEND_ENV, initBackend } from '../src/model/backend/index.js';
-import {
-  registerWasmTrainingKernels,
-  unregisterWasmTrainingKernels,
-  WASM_TRAINING_KERNELS,
-} from '../src/model/backend/wasm-kernels.js';
-import {
-  initProbeParams,
-  makeProbeBatch,
-  PROBE_SMALL,
-  probeConvFlops,
-  probeLoss,
-  type ProbeBatch,
-} from '../src/model/backend/probe-net.js';
+import { initBackend } from '../src/index.js';
+import { registerWasmTrainingKernels, unregisterWasmTrainingKernels, WASM_TRAINING_KERNELS } from '../src/wasm-kernels.js';
+import { initProbeParams, makeProbeBatch, PROBE_SMALL, probeConvFlops, probeLoss, type ProbeBatch } from '../src/probe-net.js';
+import { printTable, writeResult } from './table.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const RESULT_MARK = '@@train-kernels-result@@';
@@ -51,7 +45,7 @@ interface CaseSpec {
   backend: 'wasm' | 'cpu';
   /** 'ours': all our kernels; 'baseline': wasm's own kernels + XNNPACK-based conv gradients only. */
   kernels: 'ours' | 'baseline';
-  /** Threads for our conv kernels (undefined: initBackend's default, the number of CPUs). */
+  /** Threads for our conv kernels (undefined: the bench's `threads`, else initBackend's default, the CPUs). */
   threads?: number;
   /** BatchNorm of the probe net (default 'moments', like the model). */
   bn?: 'moments' | 'customGrad';
@@ -71,7 +65,7 @@ interface KernelTime {
   ours: boolean;
 }
 
-interface CaseResult {
+export interface CaseResult {
   id: string;
   backend: string;
   device: string;
@@ -110,8 +104,8 @@ const round = (x: number, digits = 1): number => Math.round(x * 10 ** digits) / 
 
 /** Runs one case in this process (the child side). */
 async function runCase(spec: CaseSpec): Promise<CaseResult> {
-  delete process.env[BACKEND_ENV];
-  const info = await initBackend({ prefer: spec.backend, threads: spec.threads });
+  // The baseline's conv gradients are the XNNPACK-based ones: the least that stock tfjs-backend-wasm needs.
+  const info = await initBackend({ prefer: spec.backend, threads: spec.threads, simdKernels: spec.kernels !== 'baseline' });
   if (info.backend !== spec.backend) throw new Error(`wanted backend ${spec.backend}, got ${info.backend}`);
   let ours = new Set(WASM_TRAINING_KERNELS.map((k) => k.kernelName));
   if (spec.backend === 'wasm' && spec.kernels === 'baseline') {
@@ -219,13 +213,11 @@ async function runCase(spec: CaseSpec): Promise<CaseResult> {
 /** Runs one case in a child process; a crash (e.g. the 4 GB wasm heap running out) becomes `error`. */
 function runChild(spec: CaseSpec): Promise<CaseResult> {
   return new Promise((resolvePromise) => {
-    const env: NodeJS.ProcessEnv = { ...process.env };
-    delete env[BACKEND_ENV];
-    if (spec.kernels === 'baseline') env.SLICEWISE_WASM_NO_SIMD_KERNELS = '1';
-    else delete env.SLICEWISE_WASM_NO_SIMD_KERNELS;
-    const child = spawn(process.execPath, ['--import', 'tsx', fileURLToPath(import.meta.url), '--case', JSON.stringify(spec)], {
+    // tsx as this package resolves it: the child then starts wherever the package sits (a workspace, a symlink
+    // in node_modules, a plain install) and whatever the caller's working directory.
+    const tsx = import.meta.resolve('tsx');
+    const child = spawn(process.execPath, ['--import', tsx, fileURLToPath(import.meta.url), '--case', JSON.stringify(spec)], {
       cwd: resolve(here, '..'),
-      env,
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
@@ -257,10 +249,26 @@ function runChild(spec: CaseSpec): Promise<CaseResult> {
   });
 }
 
-export async function runTrainKernelBench(): Promise<object> {
-  const withCpu = process.env.SLICEWISE_BENCH_CPU !== '0';
+export interface TrainKernelBenchOptions {
+  /** Also time tfjs's cpu backend (one step at batch 1 takes minutes) and wasm on the same case. Default: true. */
+  cpu?: boolean;
+  /** Kernel threads of the cases that do not fix their own. Default: initBackend's (the CPUs, at most 8). */
+  threads?: number;
+  /** Runs only the cases with these ids (e.g. 'wasm-128-b1'). Default: every case. */
+  only?: readonly string[];
+}
+
+export interface TrainKernelBenchResult {
+  bench: 'train-kernels';
+  cases: CaseResult[];
+  [key: string]: unknown;
+}
+
+/** Runs the cases (each in a child process, one after the other) and returns the figures; prints progress to stderr. */
+export async function runTrainKernelBench(opts: TrainKernelBenchOptions = {}): Promise<TrainKernelBenchResult> {
+  const withCpu = opts.cpu ?? true;
   const w = { backend: 'wasm', kernels: 'ours' } as const;
-  const specs: CaseSpec[] = [
+  let specs: CaseSpec[] = [
     { ...w, id: 'wasm-128-b8', size: 128, batch: 8, micro: 1, warmup: 2, runs: 5, profile: true },
     { ...w, id: 'wasm-128-b8-1thread', threads: 1, size: 128, batch: 8, micro: 1, warmup: 2, runs: 5, profile: true },
     { ...w, id: 'wasm-256-b8', size: 256, batch: 8, micro: 1, warmup: 1, runs: 3, profile: true },
@@ -275,6 +283,12 @@ export async function runTrainKernelBench(): Promise<object> {
       { backend: 'cpu', kernels: 'ours', id: 'cpu-128-b1', size: 128, batch: 1, micro: 1, warmup: 0, runs: 1, profile: false },
     );
   }
+  if (opts.only) {
+    const missing = opts.only.filter((id) => !specs.some((s) => s.id === id));
+    if (missing.length) throw new Error(`train-kernels: no case ${missing.join(', ')} (cases: ${specs.map((s) => s.id).join(', ')})`);
+    specs = specs.filter((s) => opts.only!.includes(s.id));
+  }
+  if (opts.threads != null) specs = specs.map((s) => ({ ...s, threads: s.threads ?? opts.threads }));
   const load0 = loadavg()[0]!;
   const cases: CaseResult[] = [];
   for (const spec of specs) {
@@ -304,7 +318,8 @@ export async function runTrainKernelBench(): Promise<object> {
   };
 }
 
-function printTable(result: { cases: CaseResult[] }): void {
+/** The console table of a result: one row a case, then each profiled case's top kernels. */
+export function printTrainKernelTable(result: TrainKernelBenchResult): void {
   const pct = (x: number | undefined): string => (x === undefined ? '' : `${(100 * x).toFixed(0)}%`);
   const rows = [
     ['case', 'device / kernels', 'images', 'ms/step', 'cpu ms', 'conv GFLOP/s', 'our kernels', 'other kernels', 'outside', 'heap MB'],
@@ -321,11 +336,7 @@ function printTable(result: { cases: CaseResult[] }): void {
       c.wasm_heap_mb?.toString() ?? '',
     ]),
   ];
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  for (const [k, r] of rows.entries()) {
-    console.log(r.map((cell, i) => (i < 3 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join('  '));
-    if (k === 0) console.log(widths.map((w) => '-'.repeat(w)).join('  '));
-  }
+  printTable(rows, 3);
   for (const c of result.cases) {
     if (!c.profile) continue;
     const top = c.profile.top
@@ -344,12 +355,18 @@ async function main(): Promise<void> {
     process.stdout.write(`${RESULT_MARK}${JSON.stringify(result)}\n`);
     return;
   }
-  const result = (await runTrainKernelBench()) as { cases: CaseResult[] };
-  printTable(result);
-  const outFile = resolve(here, 'results/train-kernels.json');
-  await mkdir(dirname(outFile), { recursive: true });
-  await writeFile(outFile, JSON.stringify(result, null, 2) + '\n');
-  console.log(`\nwritten ${outFile}`);
+  const { values } = parseArgs({
+    options: { 'no-cpu': { type: 'boolean' }, threads: { type: 'string' }, only: { type: 'string' } },
+  });
+  const threads = values.threads === undefined ? undefined : Number(values.threads);
+  if (threads !== undefined && !(Number.isInteger(threads) && threads > 0)) throw new Error(`--threads ${values.threads}: not a positive integer`);
+  const result = await runTrainKernelBench({
+    cpu: !values['no-cpu'],
+    ...(threads ? { threads } : {}),
+    ...(values.only ? { only: values.only.split(',').map((s) => s.trim()) } : {}),
+  });
+  printTrainKernelTable(result);
+  await writeResult(resolve(here, 'results/train-kernels.json'), result);
 }
 
 const invoked = process.argv[1] ? pathToFileURL(realpathSync(process.argv[1])).href : '';

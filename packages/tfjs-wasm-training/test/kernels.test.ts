@@ -1,5 +1,5 @@
 /**
- * The wasm training kernels (src/model/backend/wasm-kernels.ts) against tfjs's pure-JS cpu backend.
+ * The wasm training kernels (src/wasm-kernels.ts) against tfjs's pure-JS cpu backend.
  *
  * Error bounds:
  * - float kernels (convolutions, sums, means, max-pool grad): max |wasm - cpu| <= 1e-4 * max(1, max |cpu|)
@@ -10,33 +10,25 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import * as tf from '@tensorflow/tfjs';
-import { BACKEND_ENV, initBackend } from '../src/model/backend/index.ts';
-import { simdPool, startSimdThreads } from '../src/model/backend/simd-threads.ts';
 import {
-  _internal,
+  initBackend,
   registerWasmTrainingKernels,
+  setSimdKernels,
   unregisterWasmTrainingKernels,
   UnsupportedKernelError,
   WASM_TRAINING_KERNELS,
   wasmTrainingKernelsRegistered,
-} from '../src/model/backend/wasm-kernels.ts';
-import { initProbeParams, makeProbeBatch, probeLoss, randomValues, type ProbeNetConfig } from '../src/model/backend/probe-net.ts';
+} from '../src/index.ts';
+import { simdPool, startSimdThreads } from '../src/simd-threads.ts';
+import { _internal } from '../src/wasm-kernels.ts';
+import { initProbeParams, makeProbeBatch, probeLoss, randomValues, type ProbeNetConfig } from '../src/probe-net.ts';
 
 const KERNEL_REL = 1e-4;
 const GRAD_REL = 1e-3;
 
-let savedEnv: string | undefined;
-
 beforeAll(async () => {
-  savedEnv = process.env[BACKEND_ENV];
-  delete process.env[BACKEND_ENV];
   const info = await initBackend({ prefer: 'wasm' });
   expect(info.backend).toBe('wasm');
-});
-
-afterAll(() => {
-  if (savedEnv === undefined) delete process.env[BACKEND_ENV];
-  else process.env[BACKEND_ENV] = savedEnv;
 });
 
 /** Runs f on one backend and returns its output(s) as plain arrays. */
@@ -174,6 +166,16 @@ describe('registration', () => {
   });
 });
 
+describe('SIMD switch', () => {
+  it('initBackend({ simdKernels }) sets it, a call without the option keeps it', async () => {
+    await initBackend({ prefer: 'wasm', simdKernels: false });
+    await initBackend({ prefer: 'wasm' });
+    expect(setSimdKernels(true)).toBe(false);
+    await initBackend({ prefer: 'wasm' });
+    expect(setSimdKernels(true)).toBe(true);
+  });
+});
+
 describe('convolution kernels vs cpu', () => {
   it.each(CONV_CASES.map((c) => [convCase(c).label, c] as const))('%s (calling thread)', (_label, c) => {
     const k = convCase(c);
@@ -203,8 +205,7 @@ describe('convolution kernels vs cpu', () => {
   });
 
   it('the XNNPACK fallback (no SIMD module) gives the same gradients', () => {
-    const prev = process.env.SLICEWISE_WASM_NO_SIMD_KERNELS;
-    process.env.SLICEWISE_WASM_NO_SIMD_KERNELS = '1';
+    const prev = setSimdKernels(false);
     try {
       for (const c of CONV_CASES.slice(0, 6)) {
         const k = convCase(c);
@@ -212,8 +213,7 @@ describe('convolution kernels vs cpu', () => {
         compare('Conv2DBackpropInput (fallback)', () => backpropInput(k.dy(), k.w(), k.inputShape, k.pad));
       }
     } finally {
-      if (prev === undefined) delete process.env.SLICEWISE_WASM_NO_SIMD_KERNELS;
-      else process.env.SLICEWISE_WASM_NO_SIMD_KERNELS = prev;
+      setSimdKernels(prev);
     }
   });
 
@@ -451,18 +451,18 @@ describe('Sum / Mean gradients (replaced globally to avoid tf.ones)', () => {
 });
 
 describe('initBackend choice', () => {
-  it('env wins over prefer, an explicit but missing backend fails loudly, bad values are rejected', async () => {
+  it('force wins over prefer, an explicit but missing backend fails loudly, bad values are rejected', async () => {
     try {
-      process.env[BACKEND_ENV] = 'cpu';
-      expect(await initBackend({ prefer: 'wasm' })).toEqual({ backend: 'cpu', device: expect.stringMatching(/^CPU/) });
+      expect(await initBackend({ prefer: 'wasm', force: 'cpu' })).toEqual({ backend: 'cpu', device: expect.stringMatching(/^CPU/) });
       expect(tf.getBackend()).toBe('cpu');
-      process.env[BACKEND_ENV] = 'gpu-please';
-      await expect(initBackend()).rejects.toThrow(/SLICEWISE_TF_BACKEND=gpu-please/);
-      delete process.env[BACKEND_ENV];
+      await expect(initBackend({ force: 'gpu-please' as 'cpu' })).rejects.toThrow(/force must be one of tensorflow, wasm, cpu \(got gpu-please\)/);
+      await expect(initBackend({ prefer: 'gpu-please' as 'cpu' })).rejects.toThrow(/prefer must be one of/);
       // tfjs-node is not installed here: asked for explicitly, it is an error (auto mode falls through silently).
-      await expect(initBackend({ prefer: 'tensorflow' })).rejects.toThrow(/tfjs-node/);
+      const missing = await initBackend({ prefer: 'tensorflow' }).catch((e: unknown) => e);
+      expect(missing).toBeInstanceOf(Error);
+      expect((missing as Error).message).toMatch(/tfjs-node/);
+      expect((missing as Error).cause).toBeTruthy();
     } finally {
-      delete process.env[BACKEND_ENV];
       const back = await initBackend({ prefer: 'wasm' });
       expect(back.backend).toBe('wasm');
     }

@@ -1,34 +1,47 @@
 /**
  * Picks and initialises the tfjs backend for training and inference.
  *
- * Order: the env var SLICEWISE_TF_BACKEND (tensorflow | wasm | cpu) wins, then `opts.prefer`; without either we
- * try @tensorflow/tfjs-node-gpu, then @tensorflow/tfjs-node (optional, not dependencies: a failed import falls
- * through silently), then wasm with our training kernels (./wasm-kernels.ts), then tfjs's pure-JS cpu backend.
- * An explicitly requested backend that cannot start is an error, not a silent fallback.
+ * Order: `opts.force`, then `opts.prefer`; without either we try @tensorflow/tfjs-node-gpu, then
+ * @tensorflow/tfjs-node (optional, not dependencies: a failed import falls through silently), then wasm with our
+ * training kernels (./wasm-kernels.ts), then tfjs's pure-JS cpu backend. An explicitly requested backend that
+ * cannot start is an error, not a silent fallback.
  *
  * In Node the wasm binaries are loaded from node_modules/@tensorflow/tfjs-backend-wasm/dist (SIMD build when the
  * runtime has wasm SIMD). tfjs runs wasm single-threaded under Node; `threads` sizes our own worker pool for the
- * convolution kernels instead (default SLICEWISE_WASM_THREADS, else the CPU count, at most 8), and the device
- * string reports it, e.g. 'CPU wasm SIMD, 2 threads'. A later call with another `threads` resizes the pool.
+ * convolution kernels instead (default: the CPU count, at most 8), and the device string reports it, e.g.
+ * 'CPU wasm SIMD, 2 threads'. A later call with another `threads` resizes the pool.
+ *
+ * Nothing here reads the environment: an application maps its own settings onto the options.
  */
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { dirname, join, sep } from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { getThreadsCount, setThreadsCount, setWasmPaths } from '@tensorflow/tfjs-backend-wasm';
-import { registerWasmTrainingKernels } from './wasm-kernels.js';
+import { registerWasmTrainingKernels, setSimdKernels } from './wasm-kernels.js';
 import { simdPool, startSimdThreads } from './simd-threads.js';
 
 export type BackendChoice = 'tensorflow' | 'wasm' | 'cpu';
 
 export interface InitBackendOptions {
-  /** Backend to use (SLICEWISE_TF_BACKEND overrides it). Default: the first that works, fastest first. */
+  /** Backend to use unless `force` names one. Default: the first that works, fastest first (see above). */
   prefer?: BackendChoice;
   /**
+   * Backend to use whatever `prefer` says: lets a deployment-wide setting (an environment variable, a flag)
+   * override what a caller asked for. Default: none.
+   */
+  force?: BackendChoice;
+  /**
    * wasm: threads for our convolution kernels (a worker pool on a shared memory; the rest of tfjs-wasm stays
-   * single-threaded under Node). Default: SLICEWISE_WASM_THREADS, else the number of CPUs (at most 8).
+   * single-threaded under Node). Default: the number of CPUs, at most 8; a later call without it keeps the pool.
    */
   threads?: number;
+  /**
+   * wasm: false runs the portable paths instead of our SIMD loops (conv gradients built on wasm's XNNPACK Conv2D,
+   * wasm's own forward kernels, JS loops), for A/B comparisons. Default: true; a later call without it keeps the
+   * current setting.
+   */
+  simdKernels?: boolean;
 }
 
 export interface BackendInfo {
@@ -38,25 +51,22 @@ export interface BackendInfo {
   device: string;
 }
 
-export const BACKEND_ENV = 'SLICEWISE_TF_BACKEND';
 const CHOICES: readonly BackendChoice[] = ['tensorflow', 'wasm', 'cpu'];
 
 let current: (BackendInfo & { request: BackendChoice | 'auto' }) | null = null;
 let pending: Promise<BackendInfo> | null = null;
 let wasmPathsSet = false;
 
+function checkChoice(option: 'prefer' | 'force', v: BackendChoice | undefined): void {
+  if (v !== undefined && !CHOICES.includes(v)) {
+    throw new Error(`initBackend: ${option} must be one of ${CHOICES.join(', ')} (got ${String(v)})`);
+  }
+}
+
 function requested(opts: InitBackendOptions): BackendChoice | 'auto' {
-  const env = process.env[BACKEND_ENV]?.trim().toLowerCase();
-  if (env) {
-    if (!(CHOICES as readonly string[]).includes(env)) {
-      throw new Error(`${BACKEND_ENV}=${process.env[BACKEND_ENV]} is not one of ${CHOICES.join(', ')}`);
-    }
-    return env as BackendChoice;
-  }
-  if (opts.prefer && !CHOICES.includes(opts.prefer)) {
-    throw new Error(`initBackend: prefer must be one of ${CHOICES.join(', ')} (got ${String(opts.prefer)})`);
-  }
-  return opts.prefer ?? 'auto';
+  checkChoice('force', opts.force);
+  checkChoice('prefer', opts.prefer);
+  return opts.force ?? opts.prefer ?? 'auto';
 }
 
 /**
@@ -65,6 +75,7 @@ function requested(opts: InitBackendOptions): BackendChoice | 'auto' {
  */
 export async function initBackend(opts: InitBackendOptions = {}): Promise<BackendInfo> {
   const request = requested(opts);
+  if (opts.simdKernels !== undefined) setSimdKernels(opts.simdKernels);
   while (pending) await pending.catch(() => undefined);
   if (current && (request === 'auto' || request === current.request || request === current.backend)) {
     if (tf.getBackend() !== current.backend) await activate(current.backend);
@@ -84,24 +95,30 @@ export async function initBackend(opts: InitBackendOptions = {}): Promise<Backen
   }
 }
 
-async function activate(name: string): Promise<boolean> {
-  let ok = false;
+/** Makes `name` the active backend; `cause` is what tfjs threw, when it threw (it mostly logs and returns false). */
+async function activate(name: string): Promise<{ ok: boolean; cause?: unknown }> {
   try {
-    ok = await tf.setBackend(name);
-  } catch {
-    ok = false;
+    if (!(await tf.setBackend(name))) return { ok: false };
+    await tf.ready();
+    return { ok: tf.getBackend() === name };
+  } catch (cause) {
+    return { ok: false, cause };
   }
-  if (ok) await tf.ready();
-  return ok && tf.getBackend() === name;
+}
+
+async function activateOrThrow(name: string): Promise<void> {
+  const r = await activate(name);
+  if (!r.ok) throw new Error(`tfjs '${name}' backend failed to initialise`, { cause: r.cause });
 }
 
 async function choose(request: BackendChoice | 'auto', opts: InitBackendOptions): Promise<BackendInfo> {
   if (request === 'tensorflow' || request === 'auto') {
     const native = await tryNative();
-    if (native) return native;
+    if ('backend' in native) return native;
     if (request === 'tensorflow') {
       throw new Error(
         `backend 'tensorflow' requested but neither @tensorflow/tfjs-node-gpu nor @tensorflow/tfjs-node could be loaded`,
+        { cause: native.cause },
       );
     }
   }
@@ -112,30 +129,41 @@ async function choose(request: BackendChoice | 'auto', opts: InitBackendOptions)
       if (request === 'wasm') throw e;
     }
   }
-  if (!(await activate('cpu'))) throw new Error("tfjs 'cpu' backend failed to initialise");
+  await activateOrThrow('cpu');
   return { backend: 'cpu', device: 'CPU (tfjs cpu backend, plain JS)' };
 }
 
-/** Dynamic import that fails quietly: the tfjs-node packages are optional and usually absent. */
-async function importOptional(name: string): Promise<boolean> {
+/**
+ * Dynamic import that fails quietly (the tfjs-node packages are optional and usually absent): resolves to the
+ * import's error, or null when it loaded.
+ */
+async function importOptional(name: string): Promise<unknown> {
   try {
     const specifier: string = name; // a variable, so that neither tsc nor bundlers try to resolve it
     await import(specifier);
-    return true;
-  } catch {
-    return false;
+    return null;
+  } catch (e) {
+    return e;
   }
 }
 
-async function tryNative(): Promise<BackendInfo | null> {
+/** The native backend, or why none started (kept as the cause in case it was asked for explicitly). */
+async function tryNative(): Promise<BackendInfo | { cause: unknown[] }> {
+  const causes: unknown[] = [];
   for (const [pkg, device] of [
     ['@tensorflow/tfjs-node-gpu', 'GPU (tfjs-node-gpu)'],
     ['@tensorflow/tfjs-node', 'CPU (tfjs-node)'],
   ] as const) {
-    if (!(await importOptional(pkg))) continue;
-    if (await activate('tensorflow')) return { backend: 'tensorflow', device };
+    const failed = await importOptional(pkg);
+    if (failed) {
+      causes.push(failed);
+      continue;
+    }
+    const r = await activate('tensorflow');
+    if (r.ok) return { backend: 'tensorflow', device };
+    causes.push(r.cause ?? new Error(`${pkg} loaded but the 'tensorflow' backend did not start`));
   }
-  return null;
+  return { cause: causes };
 }
 
 /** Directory of the .wasm binaries, with a trailing separator (tfjs prepends it to the file name). */
@@ -152,14 +180,12 @@ async function initWasm(threads: number | undefined): Promise<BackendInfo> {
     if (threads != null && threads > 0) setThreadsCount(Math.floor(threads));
     wasmPathsSet = true;
   }
-  if (!(await activate('wasm'))) throw new Error("tfjs 'wasm' backend failed to initialise");
+  await activateOrThrow('wasm');
   registerWasmTrainingKernels(); // no-op unless the registry was reset meanwhile
   return { backend: 'wasm', device: await wasmDevice(threads) };
 }
 
 function defaultThreads(): number {
-  const env = Number(process.env.SLICEWISE_WASM_THREADS);
-  if (Number.isInteger(env) && env > 0) return env;
   return Math.max(1, Math.min(8, availableParallelism()));
 }
 
@@ -178,4 +204,11 @@ async function wasmDevice(threads: number | undefined): Promise<string> {
   return `CPU wasm ${simd ? 'SIMD' : 'no SIMD'}, ${n} thread${n === 1 ? '' : 's'}`;
 }
 
-export { registerWasmTrainingKernels, WASM_TRAINING_KERNELS } from './wasm-kernels.js';
+export {
+  registerWasmTrainingKernels,
+  setSimdKernels,
+  unregisterWasmTrainingKernels,
+  UnsupportedKernelError,
+  WASM_TRAINING_KERNELS,
+  wasmTrainingKernelsRegistered,
+} from './wasm-kernels.js';

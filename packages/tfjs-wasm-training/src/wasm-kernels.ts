@@ -17,7 +17,7 @@
  *   Tile, and Identity / same-dtype Cast (which share data instead of copying).
  * - The gradients of Sum and Mean (global in tfjs): same values as tfjs-core's, without materialising tf.ones.
  *
- * Convolution gradients support exactly what the U-Net needs: NHWC, stride 1, dilation 1, any kernel size, any
+ * Convolution gradients support exactly what a U-Net needs: NHWC, stride 1, dilation 1, any kernel size, any
  * padding whose backward padding is non-negative ('same', 'valid', explicit). Anything else throws an
  * UnsupportedKernelError naming the kernel and the attribute: we fail loudly rather than compute something else.
  * The other replacements hand what they do not cover (dtypes, shapes) to wasm's original kernel, which is kept.
@@ -42,7 +42,7 @@ import { SimdPoolBrokenError, simdPool, type SimdPool } from './simd-threads.js'
 
 const BACKEND = 'wasm';
 /** Marks our kernel functions (survives a second copy of this module, e.g. under a test runner). */
-const OURS = Symbol.for('slicewise.wasmTrainingKernel');
+const OURS = Symbol.for('tfjs-wasm-training.kernel');
 
 type KernelArgs = Parameters<KernelFunc>[0];
 type OurKernelFunc = KernelFunc & { [OURS]?: { original: KernelConfig | undefined } };
@@ -52,7 +52,7 @@ type Padding = 'valid' | 'same' | number | [[number, number], [number, number], 
 /** An error raised by one of our kernels for an input it does not support. */
 export class UnsupportedKernelError extends Error {
   constructor(kernel: string, attribute: string, detail: string) {
-    super(`${kernel} (slicewise wasm training kernel): unsupported ${attribute}: ${detail}`);
+    super(`${kernel} (tfjs-wasm-training kernel): unsupported ${attribute}: ${detail}`);
     this.name = 'UnsupportedKernelError';
   }
 }
@@ -375,29 +375,38 @@ function conv2DBackpropInput(args: KernelArgs): TensorInfo {
   }
 }
 
+/** A Conv2DBackpropFilter call: its operands and the forward conv's geometry, checked against each other. */
+interface FilterGradCall {
+  backend: BackendWasm;
+  attrs: NamedAttrMap;
+  x: TensorInfo;
+  dy: TensorInfo;
+  filterShape: [number, number, number, number];
+  info: backend_util.Conv2DInfo;
+}
+
 function conv2DBackpropFilter(args: KernelArgs): TensorInfo {
   const KERNEL = 'Conv2DBackpropFilter';
   const backend = args.backend as BackendWasm;
   const attrs = args.attrs ?? {};
   checkConvAttrs(KERNEL, attrs);
-  const simd = simdKernels(backend);
-  return simd ? conv2DBackpropFilterSimd(args, simd) : conv2DBackpropFilterXnn(args);
-}
-
-/** dW with our SIMD loop (./simd-kernels.ts), channels zero-padded to multiples of 4 (input) and 8 (output). */
-function conv2DBackpropFilterSimd(args: KernelArgs, simd: SimdKernels): TensorInfo {
-  const KERNEL = 'Conv2DBackpropFilter';
-  const backend = args.backend as BackendWasm;
-  const attrs = args.attrs ?? {};
   const { x, dy } = args.inputs as { x: TensorInfo; dy: TensorInfo };
   const filterShape = attrs.filterShape as [number, number, number, number];
   const info = convInfoOf(x.shape, filterShape, attrs);
-  const [KH, KW, C, O] = filterShape;
-  const [N, H, W] = x.shape as [number, number, number, number];
-  const [oH, oW] = [info.outHeight, info.outWidth];
+  const [N, oH, oW, O] = [x.shape[0], info.outHeight, info.outWidth, filterShape[3]];
   if (dy.shape[0] !== N || dy.shape[1] !== oH || dy.shape[2] !== oW || dy.shape[3] !== O) {
     throw new Error(`${KERNEL}: dy shape [${dy.shape.join(', ')}] does not match the forward conv`);
   }
+  const call: FilterGradCall = { backend, attrs, x, dy, filterShape, info };
+  const simd = simdKernels(backend);
+  return simd ? conv2DBackpropFilterSimd(call, simd) : conv2DBackpropFilterXnn(call);
+}
+
+/** dW with our SIMD loop (./simd-kernels.ts), channels zero-padded to multiples of 4 (input) and 8 (output). */
+function conv2DBackpropFilterSimd({ backend, x, dy, filterShape, info }: FilterGradCall, simd: SimdKernels): TensorInfo {
+  const [KH, KW, C, O] = filterShape;
+  const [N, H, W] = x.shape as [number, number, number, number];
+  const [oH, oW] = [info.outHeight, info.outWidth];
   const Cp = Math.ceil(C / 4) * 4;
   const Op = Math.ceil(O / 8) * 8;
   const pool = poolFor(2 * N * oH * oW * KH * KW * C * O);
@@ -445,8 +454,22 @@ function conv2DBackpropFilterSimd(args: KernelArgs, simd: SimdKernels): TensorIn
   }
 }
 
+/** Off: every kernel takes its portable path, as if the SIMD module could not be compiled (for A/B runs). */
+let simdEnabled = true;
+
+/**
+ * Turns our SIMD loops on (the default) or off; off, the kernels take the paths they take when the SIMD module
+ * cannot be compiled (conv gradients on wasm's XNNPACK Conv2D, wasm's own forward kernels, JS loops). Takes
+ * effect at the next kernel call. Returns the previous setting.
+ */
+export function setSimdKernels(enabled: boolean): boolean {
+  const prev = simdEnabled;
+  simdEnabled = enabled;
+  return prev;
+}
+
 function simdKernels(backend: BackendWasm): SimdKernels | null {
-  if (process.env.SLICEWISE_WASM_NO_SIMD_KERNELS === '1') return null;
+  if (!simdEnabled) return null;
   const memory = (backend.wasm as unknown as { asm?: { memory?: WebAssembly.Memory } }).asm?.memory;
   return memory instanceof WebAssembly.Memory ? simdKernelsFor(memory) : null;
 }
@@ -509,20 +532,10 @@ function convFilterGradThreaded(
 }
 
 /** dW as one XNNPACK conv with the batch as the channel axis (fallback when our SIMD module cannot run). */
-function conv2DBackpropFilterXnn(args: KernelArgs): TensorInfo {
-  const KERNEL = 'Conv2DBackpropFilter';
-  const backend = args.backend as BackendWasm;
-  const attrs = args.attrs ?? {};
-  const { x, dy } = args.inputs as { x: TensorInfo; dy: TensorInfo };
-  checkConvAttrs(KERNEL, attrs);
-  const filterShape = attrs.filterShape as [number, number, number, number];
-  const info = convInfoOf(x.shape, filterShape, attrs);
+function conv2DBackpropFilterXnn({ backend, attrs, x, dy, filterShape, info }: FilterGradCall): TensorInfo {
   const [KH, KW, C, O] = filterShape;
   const [N, H, W] = x.shape as [number, number, number, number];
   const [oH, oW] = [info.outHeight, info.outWidth];
-  if (dy.shape[0] !== N || dy.shape[1] !== oH || dy.shape[2] !== oW || dy.shape[3] !== O) {
-    throw new Error(`${KERNEL}: dy shape [${dy.shape.join(', ')}] does not match the forward conv`);
-  }
   const { top, left } = info.padInfo;
   // Variant A (fewer input than output channels): input xT [C, H, W, N] padded, filter dyT [oH, oW, N, O],
   // output [C, KH, KW, O] = dW with the channel axis first.
@@ -533,7 +546,7 @@ function conv2DBackpropFilterXnn(args: KernelArgs): TensorInfo {
     ? [top, KH - 1 - H - top + oH, left, KW - 1 - W - left + oW]
     : [KH - 1 - top, H - oH + top, KW - 1 - left, W - oW + left];
   if (pads.some((p) => p < 0)) {
-    throw new UnsupportedKernelError(KERNEL, 'pad', `${JSON.stringify(attrs.pad)} (backward padding would be negative)`);
+    throw new UnsupportedKernelError('Conv2DBackpropFilter', 'pad', `${JSON.stringify(attrs.pad)} (backward padding would be negative)`);
   }
   const inT = variantA ? alloc(backend, [C, H, W, N]) : alloc(backend, [O, oH, oW, N]);
   const filT = variantA ? alloc(backend, [oH, oW, N, O]) : alloc(backend, [H, W, N, C]);
@@ -707,6 +720,36 @@ function blockCopy(whole: Heap, pieces: Heap[], outer: number, widths: number[],
   });
 }
 
+/**
+ * blockCopy between tensors: `whole` [outer, sum(widths)], piece i [outer, widths[i]]. With the SIMD row copy
+ * where it applies (it moves 4-byte words: float32 and int32 alike, not bool), else with blockCopy's JS loops.
+ */
+function blockCopyTensors(
+  backend: BackendWasm,
+  whole: TensorInfo,
+  pieces: TensorInfo[],
+  outer: number,
+  widths: number[],
+  gather: boolean,
+): void {
+  const simd = simdKernels(backend);
+  if (!simd || whole.dtype === 'bool') {
+    blockCopy(heap(backend, whole), pieces.map((t) => heap(backend, t)), outer, widths, gather);
+    return;
+  }
+  const total = widths.reduce((a, b) => a + b, 0);
+  const base = ptr(backend, whole);
+  let off = 0;
+  pieces.forEach((p, i) => {
+    const w = widths[i]!;
+    if (w > 0) {
+      if (gather) simd.copyRows(ptr(backend, p), base + 4 * off, outer, w, w, total);
+      else simd.copyRows(base + 4 * off, ptr(backend, p), outer, w, total, w);
+    }
+    off += w;
+  });
+}
+
 function concatKernel(args: KernelArgs, original: KernelFunc | undefined): TensorInfo | TensorInfo[] {
   const backend = args.backend as BackendWasm;
   const all = args.inputs as unknown as TensorInfo[];
@@ -719,17 +762,7 @@ function concatKernel(args: KernelArgs, original: KernelFunc | undefined): Tenso
   if (!inputs.length) return out;
   const outer = util.sizeFromShape(outShape.slice(0, axis));
   const widths = inputs.map((t) => util.sizeFromShape(t.shape.slice(axis)));
-  const simd = simdKernels(backend);
-  if (simd && out.dtype !== 'bool') {
-    const total = widths.reduce((a, b) => a + b, 0);
-    let off = 0;
-    inputs.forEach((t, i) => {
-      simd.copyRows(ptr(backend, t), ptr(backend, out) + 4 * off, outer, widths[i]!, widths[i]!, total);
-      off += widths[i]!;
-    });
-    return out;
-  }
-  blockCopy(heap(backend, out), inputs.map((t) => heap(backend, t)), outer, widths, true);
+  blockCopyTensors(backend, out, inputs, outer, widths, true);
   return out;
 }
 
@@ -748,17 +781,7 @@ function splitVKernel(args: KernelArgs, original: KernelFunc | undefined): Tenso
   const outer = util.sizeFromShape(x.shape.slice(0, axis));
   const inner = util.sizeFromShape(x.shape.slice(axis + 1));
   const widths = sizes.map((s) => s * inner);
-  const simd = simdKernels(backend);
-  if (simd && x.dtype !== 'bool') {
-    const total = util.sizeFromShape(x.shape.slice(axis));
-    let off = 0;
-    outs.forEach((t, i) => {
-      if (widths[i]! > 0) simd.copyRows(ptr(backend, x) + 4 * off, ptr(backend, t), outer, widths[i]!, total, widths[i]!);
-      off += widths[i]!;
-    });
-    return outs;
-  }
-  blockCopy(heap(backend, x), outs.map((t) => heap(backend, t)), outer, widths, false);
+  blockCopyTensors(backend, x, outs, outer, widths, false);
   return outs;
 }
 
@@ -1020,7 +1043,7 @@ const REPLACEMENTS: Replacement[] = [
   {
     kernelName: 'Conv2DBackpropInput',
     kernelFunc: (a) => conv2DBackpropInput(a),
-    why: "wasm's own is a slow scalar loop; ours is one XNNPACK conv of dy with the rotated filter",
+    why: "wasm's own is a slow scalar loop; ours is one conv of dy with the rotated filter (our SIMD loop, else XNNPACK's)",
   },
   {
     kernelName: 'Conv2DBackpropFilter',
@@ -1102,7 +1125,7 @@ function resizeBilinearGradKernel(args: KernelArgs, original: KernelFunc | undef
 // same float32 values (x * 1 and x / R are exact per element either way), on every backend, without the ones.
 // Gradients are global in tfjs (not per backend), hence "on every backend".
 
-const GRAD_MARK = Symbol.for('slicewise.wasmTrainingGradient');
+const GRAD_MARK = Symbol.for('tfjs-wasm-training.gradient');
 type OurGradConfig = GradConfig & { [GRAD_MARK]?: { original: GradConfig | undefined } };
 
 function reduceGrad(kernelName: 'Sum' | 'Mean'): GradConfig {

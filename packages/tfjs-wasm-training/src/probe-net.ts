@@ -1,6 +1,6 @@
 /**
  * A small U-Net-like network written with raw tf ops, used to test and benchmark the training kernels on the
- * same op mix as the real model (src/model/unet.ts) without depending on it: double [3x3 conv (no bias, 'same'),
+ * op mix of a typical segmentation U-Net without depending on any model code: double [3x3 conv (no bias, 'same'),
  * BatchNorm from tf.moments (training mode), ReLU] blocks, 2x2 max-pool, bilinear x2 upsampling + concat skip,
  * a 1x1 conv with bias to one logit, and a classification head (global average pool -> dense -> ReLU ->
  * dropout (a fixed keep mask) -> dense(2)). Loss: BCE-with-logits on the mask + softmax cross-entropy on the class.
@@ -16,8 +16,8 @@ export interface ProbeNetConfig {
   inChannels: number;
   headHidden: number;
   /**
-   * BatchNorm implementation: 'moments' (default; op by op like src/model/unet.ts, so tfjs records ~8 full-size
-   * tensors per layer on the tape and ~8 more gradients) or 'customGrad' (the same math with a hand-written
+   * BatchNorm implementation: 'moments' (default; op by op, as a model written with tf ops computes it, so tfjs
+   * records ~8 full-size tensors per layer on the tape and ~8 more gradients) or 'customGrad' (the same math with a hand-written
    * backward: ~2 + ~2), which is what makes batch 8 at 256x256 fit the 4 GB wasm heap.
    */
   bn?: 'moments' | 'customGrad';
