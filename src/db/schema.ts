@@ -110,6 +110,19 @@ export const metrics = pgTable(
   (t) => [primaryKey({ columns: [t.runId, t.step, t.epoch, t.name] })],
 );
 
+/** A run's evaluation reports (multitask_evaluation.json, phase_comparison.json), as written beside the run. */
+export const evaluations = pgTable(
+  'evaluations',
+  {
+    runId: text('run_id').notNull().references(() => runs.id, { onDelete: 'cascade' }),
+    /** 'multitask' or 'phase_comparison'. */
+    name: text('name').notNull(),
+    report: jsonb('report').notNull(),
+    createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
+  },
+  (t) => [primaryKey({ columns: [t.runId, t.name] })],
+);
+
 export type RunRow = typeof runs.$inferSelect;
 export type StepRow = typeof steps.$inferSelect;
 export type RunStatus = RunRow['status'];

@@ -8,7 +8,8 @@
  *   <dataDir>/runs/<run>/processed/brats/<patient>/     images.npy, masks.npy, meta.json
  *   <dataDir>/runs/<run>/processed/kaggle/              images.npy, labels.npy, meta.json
  *   <dataDir>/runs/<run>/splits/{brats,kaggle}.json
- *   <dataDir>/runs/<run>/results/                        evaluation outputs
+ *   <dataDir>/runs/<run>/results/                        multitask_evaluation.json, phase_comparison.json
+ *   <dataDir>/runs/<run>/visualizations/multitask_gradcam/  Grad-CAM PNGs
  *   <dataDir>/runs/<run>/pipeline_results.json
  *   <dataDir>/checkpoints/<run>/<stage>/{epoch-N,best}/  tfjs checkpoints
  *   <dataDir>/pglite/, <dataDir>/redis/                  the embedded database and the private Redis
@@ -77,6 +78,9 @@ export class RunPaths {
   readonly processedKaggle: string;
   readonly splits: string;
   readonly results: string;
+  readonly multitaskEvaluation: string;
+  readonly phaseComparison: string;
+  readonly gradcam: string;
   readonly pipelineResults: string;
   private readonly checkpointsRoot: string;
 
@@ -89,6 +93,9 @@ export class RunPaths {
     this.processedKaggle = join(this.root, 'processed', 'kaggle');
     this.splits = join(this.root, 'splits');
     this.results = join(this.root, 'results');
+    this.multitaskEvaluation = join(this.results, 'multitask_evaluation.json');
+    this.phaseComparison = join(this.results, 'phase_comparison.json');
+    this.gradcam = join(this.root, 'visualizations', 'multitask_gradcam');
     this.pipelineResults = join(this.root, 'pipeline_results.json');
     this.checkpointsRoot = join(dataDir, 'checkpoints', runId);
   }
