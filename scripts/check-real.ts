@@ -40,7 +40,7 @@ try {
     overrides: { data: { image_size: size }, training: { epochs, batch_size: 8, early_stopping: { enabled: false } } },
   });
   const result = await runStage(
-    { stage: 'seg_warmup', dataRunDir: work, checkpointDir: join(work, 'checkpoints'), config },
+    { stage: 'seg_warmup', splitsDir: join(work, 'splits'), checkpointDir: join(work, 'checkpoints'), config },
     {
       log: (m) => console.log(m),
       shouldStop: () => false,

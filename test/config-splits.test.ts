@@ -10,10 +10,13 @@ describe('config', () => {
     const quick = loadConfig({ trainingMode: 'quick' });
     expect(quick.model.preset).toBe('small');
     expect(quick.training).toMatchObject({ epochs: 2, batch_size: 32, early_stopping: { enabled: false, min_delta: 0.001 } });
-    expect(quick.training.optimizer).toEqual({ name: 'adamw', lr: 0.001, weight_decay: 0.0001, betas: [0.9, 0.999], eps: 0.000001 });
-    const prod = loadConfig({ trainingMode: 'production', stage: 'joint', overrides: { data: { image_size: 128 } } });
+    expect(quick.training.optimizer).toEqual({ lr: 0.001, weight_decay: 0.0001, betas: [0.9, 0.999], eps: 0.000001 });
+    expect(quick.stage).toEqual({ loss: { label_smoothing: 0.1, lambda_seg: 1, lambda_cls: 0.5, dice_weight: 0.6, bce_weight: 0.4, dice_smooth: 1 } });
+    const prod = loadConfig({ trainingMode: 'production', stage: 'joint', overrides: { data: { image_size: 128 }, stage: { loss: { dice_weight: 0.5 } } } });
     expect(prod.training).toMatchObject({ epochs: 100, batch_size: 32, early_stopping: { patience: 20 } });
-    expect(prod.stage).toMatchObject({ mix: { brats: 0.3, kaggle: 0.7 }, lr: { encoder: 0.0001, decoder: 0.0003 } });
+    expect(prod.stage).toMatchObject({ mix: { brats: 0.3, kaggle: 0.7 }, lr: { encoder: 0.0001, decoder: 0.0003 }, trainable: ['encoder', 'decoder', 'head'] });
+    expect(prod.stage.loss).toEqual({ label_smoothing: 0.1, lambda_seg: 1, lambda_cls: 0.5, dice_weight: 0.5, bce_weight: 0.4, dice_smooth: 1 });
+    expect(loadConfig({ trainingMode: 'quick', stage: 'cls_head' }).stage).toMatchObject({ trainable: ['head'], loss: { label_smoothing: 0.1 } });
     expect(prod.data.image_size).toBe(128);
     expect(prod.data.min_tumor_pixels).toBe(100);
   });
@@ -29,6 +32,24 @@ describe('config', () => {
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
+  });
+
+  it('validates the stage section like the rest: a wrong key or value is refused with its path', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'slicewise-cfg-'));
+    try {
+      await cp(DEFAULT_CONFIG_DIR, dir, { recursive: true });
+      await writeFile(join(dir, 'stages', 'joint.yaml'), 'stage:\n  loss: { dice_wieght: 0.5 }\n  best_metric: combined\n');
+      expect(() => loadConfig({ trainingMode: 'quick', stage: 'joint', configDir: dir })).toThrow(
+        /stages\/joint\.yaml: stage\.loss: Unrecognized key: "dice_wieght"; stage: Unrecognized key: "best_metric"/,
+      );
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+    expect(() => loadConfig({ trainingMode: 'quick', overrides: { stage: { trainable: ['tail'] } } })).toThrow(/overrides: stage\.trainable\.0: /);
+    expect(() => loadConfig({ trainingMode: 'quick', overrides: { stage: { loss: { label_smoothing: 1 } } } })).toThrow(/overrides: stage\.loss\.label_smoothing: /);
+    // A layer may set one key of the mix; the merged config needs both.
+    expect(() => loadConfig({ trainingMode: 'quick', stage: 'seg_warmup', overrides: { stage: { mix: { brats: 1 } } } })).toThrow(/merged config.*stage\.mix\.kaggle: /);
+    expect(() => loadConfig({ trainingMode: 'quick', overrides: { model: { in_channels: 1 } } })).toThrow(/model: Unrecognized key: "in_channels"/);
   });
 
   it('splits that do not add up are refused', () => {

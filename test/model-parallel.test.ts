@@ -10,15 +10,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { env, ENV_KNOBS } from '../src/env.ts';
 import { readTrainingState } from '../src/model/checkpoint.js';
 import { installFastCpuKernels } from '../src/model/cpu-kernels.js';
-import { createBatches } from '../src/model/data.js';
 import { createReplicaPool, dataParallelGradients, packVariables, splitEven, type GradientSpec } from '../src/model/parallel.js';
 import { copyShard, disposeShardTensors, shardGradients, shardTensors, sliceShard } from '../src/model/shard-grads.js';
-import { autoReplicas, REPLICAS_ENV } from '../src/model/stage.js';
+import { autoReplicas } from '../src/model/stage.js';
 import { writeSyntheticData, type SyntheticLayout } from '../src/model/synthetic.js';
-import { prepareResume, trainStage, type EpochInfo, type StageData, type TrainConfig } from '../src/model/trainer.js';
+import type { EpochInfo } from '../src/model/trainer.js';
 import { createUNet, type UNetModel } from '../src/model/unet.js';
+import { resumeSegWarmup, syntheticStageData, tinyTrainConfig, trainSegWarmup, trainSegWarmupUntil } from './helpers/model-training.ts';
 
 const ARCH = { base: 4, depth: 2, headHidden: 8 };
 let tmp: string;
@@ -170,47 +171,25 @@ describe('replica pool', () => {
     expect(osThreads()).toBe(baseThreads);
   });
 
-  it('replica count: env override, 1 on tensorflow, min(cores, 2) elsewhere', () => {
-    expect(autoReplicas('wasm', {}, 2)).toBe(2);
-    expect(autoReplicas('cpu', {}, 16)).toBe(2);
-    expect(autoReplicas('wasm', {}, 1)).toBe(1);
-    expect(autoReplicas('tensorflow', {}, 8)).toBe(1);
-    expect(autoReplicas('tensorflow', { [REPLICAS_ENV]: '2' }, 8)).toBe(2);
-    expect(autoReplicas('wasm', { [REPLICAS_ENV]: ' 1 ' }, 8)).toBe(1);
-    expect(() => autoReplicas('wasm', { [REPLICAS_ENV]: '0' }, 8)).toThrow(REPLICAS_ENV);
-    expect(() => autoReplicas('wasm', { [REPLICAS_ENV]: 'two' }, 8)).toThrow(REPLICAS_ENV);
+  it('replica count: SLICEWISE_TRAIN_REPLICAS, 1 on tensorflow, min(cores, 2) elsewhere', () => {
+    expect(autoReplicas('wasm', undefined, 2)).toBe(2);
+    expect(autoReplicas('cpu', undefined, 16)).toBe(2);
+    expect(autoReplicas('wasm', undefined, 1)).toBe(1);
+    expect(autoReplicas('tensorflow', undefined, 8)).toBe(1);
+    const name = ENV_KNOBS.trainReplicas.name;
+    const configured = (raw: string) => env({ [name]: raw }).trainReplicas;
+    expect(autoReplicas('tensorflow', configured('2'), 8)).toBe(2);
+    expect(autoReplicas('wasm', configured(' 1 '), 8)).toBe(1);
+    expect(autoReplicas('wasm', configured(''), 8)).toBe(2);
+    expect(() => configured('0')).toThrow(name);
+    expect(() => configured('two')).toThrow(name);
   });
 });
 
 describe('training over 2 replicas', () => {
-  const config: TrainConfig = {
-    epochs: 2,
-    batchSize: 8,
-    microBatch: 4, // per replica: a chunk of 8 = 4 + 4 per batch (18 training slices: 8, 8, then 2 = 1 + 1)
-    lr: 1e-2,
-    weightDecay: 1e-4,
-    betas: [0.9, 0.999],
-    eps: 1e-6,
-    etaMin: 1e-6,
-    gradClip: 1,
-    earlyStopping: { enabled: false, patience: 5, minDelta: 0.001 },
-    augmentation: 'minimal',
-    labelSmoothing: 0.1,
-    lambdaSeg: 1,
-    lambdaCls: 0.5,
-    seed: 5,
-  };
-  const data = (failAt?: number): StageData => ({
-    train: ({ epoch, batchSize }) =>
-      (async function* () {
-        let i = 0;
-        for await (const b of createBatches({ brats: { dir: syn.bratsDir, patients: syn.bratsSplit.train }, batchSize, shuffle: true, seed: 1, epoch })) {
-          if (++i === failAt) throw new Error('disk on fire');
-          yield b;
-        }
-      })(),
-    val: ({ batchSize }) => createBatches({ brats: { dir: syn.bratsDir, patients: syn.bratsSplit.val }, batchSize, shuffle: false, seed: 1, epoch: 0 }),
-  });
+  // microBatch is per replica: a chunk of 8 = 4 + 4 per batch (18 training slices: 8, 8, then 2 = 1 + 1).
+  const config = tinyTrainConfig({ epochs: 2, microBatch: 4 });
+  const data = (failAt?: number) => syntheticStageData(syn, { failAt });
   let reference: Map<string, Buffer>;
   const snapshot = (m: UNetModel): Map<string, Buffer> => {
     const out = new Map<string, Buffer>();
@@ -225,12 +204,7 @@ describe('training over 2 replicas', () => {
     const threads: number[] = [];
     const epochs: EpochInfo[] = [];
     const start = tf.memory().numTensors;
-    const r = await trainStage({
-      model,
-      stage: 'seg_warmup',
-      data: data(),
-      config,
-      trainable: ['encoder', 'decoder'],
+    const r = await trainSegWarmup(model, data(), config, {
       checkpointDir: ckdir,
       keepLastN: 3,
       replicas: 2,
@@ -256,39 +230,14 @@ describe('training over 2 replicas', () => {
   it('cancel, then resume over 2 replicas: ends bit for bit where the uninterrupted run did', async () => {
     const ckdir = join(tmp, 'run-b');
     const first = createUNet(ARCH, { seed: 3 });
-    let stop = false;
-    const r1 = await trainStage({
-      model: first,
-      stage: 'seg_warmup',
-      data: data(),
-      config,
-      trainable: ['encoder', 'decoder'],
-      checkpointDir: ckdir,
-      replicas: 2,
-      onEpoch: (e) => {
-        if (e.epoch === 1) stop = true;
-      },
-      shouldStop: () => stop,
-    });
+    const r1 = await trainSegWarmupUntil(first, data(), config, 1, { checkpointDir: ckdir, replicas: 2 });
     expect(r1).toMatchObject({ epochsRun: 1, lastEpoch: 1, cancelled: true });
     expect(osThreads()).toBe(baseThreads);
     first.dispose();
 
     const model = createUNet(ARCH, { seed: 77 });
-    const prep = (await prepareResume(ckdir, model))!;
+    const { prep, result: r2 } = await resumeSegWarmup(model, data(), config, ckdir, { replicas: 2 });
     expect(prep.startEpoch).toBe(2);
-    const r2 = await trainStage({
-      model,
-      stage: 'seg_warmup',
-      data: data(),
-      config,
-      trainable: ['encoder', 'decoder'],
-      checkpointDir: ckdir,
-      startEpoch: prep.startEpoch,
-      optimizerState: prep.optimizerState,
-      resume: prep.resume,
-      replicas: 2,
-    });
     expect(r2.history.map((h) => h.epoch)).toEqual([1, 2]);
     const final = snapshot(model);
     for (const [name, buf] of reference) expect(final.get(name)!.equals(buf), name).toBe(true);
@@ -300,22 +249,12 @@ describe('training over 2 replicas', () => {
     const model = createUNet(ARCH, { seed: 3 });
     const start = tf.memory().numTensors;
     let sawThreads = 0;
-    await expect(
-      trainStage({
-        model,
-        stage: 'seg_warmup',
-        data: data(2),
-        config,
-        trainable: ['encoder', 'decoder'],
-        replicas: 2,
-        onBatch: () => void (sawThreads = osThreads()),
-      }),
-    ).rejects.toThrow(/disk on fire/);
+    await expect(trainSegWarmup(model, data(2), config, { replicas: 2, onBatch: () => void (sawThreads = osThreads()) })).rejects.toThrow(/disk on fire/);
     expect(sawThreads).toBeGreaterThan(baseThreads);
     expect(osThreads()).toBe(baseThreads);
     expect(tf.memory().numTensors).toBe(start);
     // A bad replica count is refused before anything starts.
-    await expect(trainStage({ model, stage: 'seg_warmup', data: data(), config, trainable: ['encoder'], replicas: 0 })).rejects.toThrow(/replicas/);
+    await expect(trainSegWarmup(model, data(), config, { trainable: ['encoder'], replicas: 0 })).rejects.toThrow(/replicas/);
     model.dispose();
   });
 });

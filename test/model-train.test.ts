@@ -8,15 +8,18 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { encodeNpy } from '../src/imaging/npy.js';
-import { writeFileAtomic, writeJsonAtomic } from '../src/lib/atomic.js';
+import { patientFiles, readSplits, writePatientMeta } from '../src/disk/layout.ts';
+import { encodeNpy, openNpyRows } from '../src/imaging/npy.js';
+import { DataFileError } from '../src/lib/errors.ts';
+import { writeFileAtomic } from '../src/lib/atomic.js';
 import { loadCheckpoint, readModelJson, readTrainingState, saveCheckpoint } from '../src/model/checkpoint.js';
 import { installFastCpuKernels } from '../src/model/cpu-kernels.js';
-import { createBatches, newLoaderStats, readSplits, type Batch, type BatchOptions } from '../src/model/data.js';
+import { createBatches, newLoaderStats, type Batch, type BatchOptions } from '../src/model/data.js';
 import { AdamW } from '../src/model/optim.js';
-import { writeSyntheticData, type SyntheticLayout } from '../src/model/synthetic.js';
-import { prepareResume, trainStage, type EpochInfo, type StageData, type TrainConfig } from '../src/model/trainer.js';
+import { syntheticPatientMeta, writeSyntheticData, type SyntheticLayout } from '../src/model/synthetic.js';
+import { trainStage, type EpochInfo, type StageData } from '../src/model/trainer.js';
 import { createUNet, type ParamGroup, type UNetModel } from '../src/model/unet.js';
+import { resumeSegWarmup, syntheticStageData, tinyTrainConfig, trainSegWarmup, trainSegWarmupUntil } from './helpers/model-training.ts';
 
 const ARCH = { base: 4, depth: 2, headHidden: 8 };
 let tmp: string;
@@ -102,9 +105,10 @@ describe('data', () => {
     const masks = new Uint8Array(2 * area);
     masks.fill(1, 0, 9);
     masks.fill(1, area, area + 12);
-    await writeFileAtomic(join(dir, 'P', 'images.npy'), encodeNpy(images, [2, 2, 4, 4]));
-    await writeFileAtomic(join(dir, 'P', 'masks.npy'), encodeNpy(masks, [2, 4, 4]));
-    await writeJsonAtomic(join(dir, 'P', 'meta.json'), { num_slices: 2 });
+    const files = patientFiles(dir, 'P');
+    await writeFileAtomic(files.images, encodeNpy(images, [2, 2, 4, 4]));
+    await writeFileAtomic(files.masks, encodeNpy(masks, [2, 4, 4]));
+    await writePatientMeta(files, syntheticPatientMeta('P', 4, [9, 12]));
     const [b] = await collect({ brats: { dir, patients: ['P'] }, batchSize: 8, shuffle: false, seed: 1, epoch: 0 });
     expect(Array.from(b!.clsLabel)).toEqual([0, 1]);
     const [b5] = await collect({ brats: { dir, patients: ['P'] }, batchSize: 8, shuffle: false, seed: 1, epoch: 0, clsTumorPixels: 5 });
@@ -124,6 +128,33 @@ describe('data', () => {
     const imgs = await readFile(join(syn.kaggleDir, 'images.npy'));
     const row0 = new Float32Array(imgs.buffer.slice(imgs.byteOffset + imgs.length - 20 * 4096, imgs.byteOffset + imgs.length - 19 * 4096));
     expect(k[0]!.x.subarray(1024, 2048)).toEqual(row0);
+  });
+
+  it('row reads of a .npy file (the Kaggle images): shape, rows, errors that name the file and keep their cause', async () => {
+    const dir = join(tmp, 'rows');
+    const file = join(dir, 'images.npy');
+    await writeFileAtomic(file, encodeNpy(Float32Array.from({ length: 12 }, (_, i) => i), [2, 2, 3]));
+    const rows = await openNpyRows(file);
+    try {
+      expect([rows.shape, rows.rows]).toEqual([[2, 2, 3], 2]);
+      const out = new Float32Array(8);
+      await rows.readRow(1, out, 2);
+      expect(Array.from(out)).toEqual([0, 0, 6, 7, 8, 9, 10, 11]);
+      await expect(rows.readRow(2, out, 0)).rejects.toThrow(/row 2 is out of range/);
+    } finally {
+      await rows.close();
+    }
+    const missing = (await openNpyRows(join(dir, 'none.npy')).catch((e: unknown) => e)) as DataFileError;
+    expect(missing).toBeInstanceOf(DataFileError);
+    expect(missing.message).toMatch(/none\.npy: file not found$/);
+    expect((missing.cause as NodeJS.ErrnoException).code).toBe('ENOENT');
+    const whole = encodeNpy(new Float32Array(12), [2, 2, 3]);
+    await writeFile(join(dir, 'short.npy'), whole.subarray(0, whole.length - 4));
+    await expect(openNpyRows(join(dir, 'short.npy'))).rejects.toThrow(/short\.npy: truncated/);
+    await writeFile(join(dir, 'bytes.npy'), encodeNpy(new Uint8Array(4), [1, 2, 2]));
+    await expect(openNpyRows(join(dir, 'bytes.npy'))).rejects.toThrow(/expected float32/);
+    await writeFile(join(dir, 'text.npy'), 'not a numpy file at all');
+    await expect(openNpyRows(join(dir, 'text.npy'))).rejects.toThrow(/text\.npy: not a \.npy file/);
   });
 
   it('mix 0.3 / 0.7 is honoured in every batch; without mix each sample is drawn once', async () => {
@@ -241,26 +272,8 @@ describe('checkpoints', () => {
 });
 
 describe('training', () => {
-  const baseConfig: TrainConfig = {
-    epochs: 3,
-    batchSize: 8,
-    lr: 1e-2,
-    weightDecay: 1e-4,
-    betas: [0.9, 0.999],
-    eps: 1e-6,
-    etaMin: 1e-6,
-    gradClip: 1,
-    earlyStopping: { enabled: false, patience: 5, minDelta: 0.001 },
-    augmentation: 'minimal',
-    labelSmoothing: 0.1,
-    lambdaSeg: 1,
-    lambdaCls: 0.5,
-    seed: 5,
-  };
-  const bratsData = (): StageData => ({
-    train: ({ epoch, batchSize }) => createBatches({ brats: { dir: syn.bratsDir, patients: syn.bratsSplit.train }, batchSize, shuffle: true, seed: 1, epoch }),
-    val: ({ batchSize }) => createBatches({ brats: { dir: syn.bratsDir, patients: syn.bratsSplit.val }, batchSize, shuffle: false, seed: 1, epoch: 0 }),
-  });
+  const baseConfig = tinyTrainConfig();
+  const bratsData = (): StageData => syntheticStageData(syn);
   let stage1Best = '';
   let referenceFinal: Map<string, Buffer>;
 
@@ -270,12 +283,7 @@ describe('training', () => {
     const counts: number[] = [];
     const epochs: EpochInfo[] = [];
     const start = tf.memory().numTensors;
-    const r = await trainStage({
-      model,
-      stage: 'seg_warmup',
-      data: bratsData(),
-      config: baseConfig,
-      trainable: ['encoder', 'decoder'],
+    const r = await trainSegWarmup(model, bratsData(), baseConfig, {
       checkpointDir: ckdir,
       keepLastN: 2,
       onBatch: () => void counts.push(tf.memory().numTensors),
@@ -301,44 +309,18 @@ describe('training', () => {
   it('resume from a saved epoch continues at epoch + 1 with the saved optimizer state and ends where the uninterrupted run did', async () => {
     const ckdir = join(tmp, 'run-b');
     const first = createUNet(ARCH, { seed: 3 });
-    let stop = false;
-    const r1 = await trainStage({
-      model: first,
-      stage: 'seg_warmup',
-      data: bratsData(),
-      config: baseConfig,
-      trainable: ['encoder', 'decoder'],
-      checkpointDir: ckdir,
-      keepLastN: 3,
-      onEpoch: (e) => {
-        if (e.epoch === 2) stop = true; // e.g. the worker was asked to stop
-      },
-      shouldStop: () => stop,
-    });
+    // Stopped after epoch 2, e.g. the worker was asked to stop.
+    const r1 = await trainSegWarmupUntil(first, bratsData(), baseConfig, 2, { checkpointDir: ckdir, keepLastN: 3 });
     expect(r1).toMatchObject({ epochsRun: 2, lastEpoch: 2, cancelled: true });
     first.dispose();
 
     const model = createUNet(ARCH, { seed: 77 }); // different init: everything must come from the checkpoint
-    const prep = (await prepareResume(ckdir, model))!;
+    const seen: number[] = [];
+    const { prep, result: r2 } = await resumeSegWarmup(model, bratsData(), baseConfig, ckdir, { keepLastN: 3, onEpoch: (e) => void seen.push(e.epoch) });
     expect(prep.startEpoch).toBe(3);
     expect(prep.dir).toBe(join(ckdir, 'epoch-2'));
-    const saved = prep.optimizerState!;
     const perEpoch = Math.ceil((syn.bratsSplit.train.length * 8) / baseConfig.batchSize);
-    expect(saved.slots.every((s) => s.step === 2 * perEpoch)).toBe(true);
-    const seen: number[] = [];
-    const r2 = await trainStage({
-      model,
-      stage: 'seg_warmup',
-      data: bratsData(),
-      config: baseConfig,
-      trainable: ['encoder', 'decoder'],
-      checkpointDir: ckdir,
-      keepLastN: 3,
-      startEpoch: prep.startEpoch,
-      optimizerState: prep.optimizerState,
-      resume: prep.resume,
-      onEpoch: (e) => void seen.push(e.epoch),
-    });
+    expect(prep.optimizerState!.slots.every((s) => s.step === 2 * perEpoch)).toBe(true);
     expect(seen).toEqual([3]);
     expect(r2.history.map((h) => h.epoch)).toEqual([1, 2, 3]);
     const state3 = (await readTrainingState(join(ckdir, 'epoch-3')))!;
@@ -352,26 +334,7 @@ describe('training', () => {
     const { model } = await loadCheckpoint(stage1Best, { groups: ['encoder', 'decoder'], seed: 11 });
     const frozenBefore = snapshot(model, ['encoder', 'decoder']);
     const headBefore = snapshot(model, ['head']);
-    const data: StageData = {
-      train: ({ epoch, batchSize }) =>
-        createBatches({
-          brats: { dir: syn.bratsDir, patients: syn.bratsSplit.train },
-          kaggle: { dir: syn.kaggleDir, indices: syn.kaggleSplit.train },
-          batchSize,
-          shuffle: true,
-          seed: 1,
-          epoch,
-        }),
-      val: ({ batchSize }) =>
-        createBatches({
-          brats: { dir: syn.bratsDir, patients: syn.bratsSplit.val },
-          kaggle: { dir: syn.kaggleDir, indices: syn.kaggleSplit.val },
-          batchSize,
-          shuffle: false,
-          seed: 1,
-          epoch: 0,
-        }),
-    };
+    const data = syntheticStageData(syn, { kaggle: true });
     const r = await trainStage({
       model,
       stage: 'cls_head',

@@ -165,6 +165,13 @@ describe('losses', () => {
       expect(seg[0]).toBeCloseTo(0.577258872, 6);
       expect(seg[1]).toBeCloseTo(0.218390710, 6);
       expect(arr(segLoss(logits, target))[0]).toBeCloseTo((0.577258872 + 0.21839071) / 2, 6);
+      // The configured terms (stage.loss.dice_weight, bce_weight, dice_smooth) replace 0.6 / 0.4 / 1.
+      const diceOnly = arr(segLossPerSample(logits, target, { diceWeight: 1, bceWeight: 0, diceSmooth: 1 }));
+      expect(diceOnly[1]).toBeCloseTo(dice1, 6);
+      const terms = { diceWeight: 0.3, bceWeight: 0.7, diceSmooth: 2 };
+      // sample 0 with smooth 2: Dice = (2 * 0.5 + 2) / (2 + 1 + 2) = 0.6 -> loss 0.4
+      expect(arr(segLossPerSample(logits, target, terms))[0]).toBeCloseTo(0.3 * 0.4 + 0.7 * Math.LN2, 6);
+      expect(arr(segLoss(logits, target, undefined, undefined, terms))[0]).toBeCloseTo(arr(segLossPerSample(logits, target, terms)).reduce((a, b) => a + b) / 2, 6);
     });
   });
 

@@ -3,17 +3,19 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse as parseYaml } from 'yaml';
 import type { z } from 'zod';
+import { env } from '../env.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { ConfigLayerSchema, ConfigSchema, type Config, type StageName, type TrainingMode } from './schema.ts';
 
 export const DEFAULT_CONFIG_DIR = fileURLToPath(new URL('../../configs', import.meta.url));
 
-export class ConfigError extends SliceWiseError {
-  constructor(source: string, issues: { path: string; message: string }[]) {
+class ConfigError extends SliceWiseError {
+  constructor(source: string, issues: { path: string; message: string }[], { cause }: { cause?: unknown } = {}) {
     super(`invalid configuration in ${source}: ${issues.map((i) => `${i.path || '(root)'}: ${i.message}`).join('; ')}`, {
       status: 400,
       code: 'bad_config',
       details: { source, issues },
+      cause,
     });
     this.name = 'ConfigError';
   }
@@ -28,7 +30,7 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
 }
 
 /** Later layers win; objects merge key by key, arrays and scalars are replaced whole. */
-export function deepMerge<T>(base: T, layer: unknown): T {
+function deepMerge<T>(base: T, layer: unknown): T {
   if (!isPlainObject(base) || !isPlainObject(layer)) return (layer === undefined ? base : layer) as T;
   const out: Record<string, unknown> = { ...base };
   for (const [k, v] of Object.entries(layer)) out[k] = k in out ? deepMerge(out[k], v) : v;
@@ -41,30 +43,30 @@ function readLayer(file: string): unknown {
     text = readFileSync(file, 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return {};
-    throw new SliceWiseError(`cannot read config ${file}: ${(err as Error).message}`, { status: 500, code: 'bad_config' });
+    throw new SliceWiseError(`cannot read config ${file}: ${(err as Error).message}`, { status: 500, code: 'bad_config', cause: err });
   }
   let parsed: unknown;
   try {
     parsed = parseYaml(text) ?? {};
   } catch (err) {
-    throw new ConfigError(file, [{ path: '', message: `not valid YAML: ${(err as Error).message}` }]);
+    throw new ConfigError(file, [{ path: '', message: `not valid YAML: ${(err as Error).message}` }], { cause: err });
   }
   const res = ConfigLayerSchema.safeParse(parsed);
   if (!res.success) throw new ConfigError(file, issuesOf(res.error));
   return parsed;
 }
 
-export interface LoadConfigOptions {
+interface LoadConfigOptions {
   trainingMode: TrainingMode;
   /** When set, configs/stages/<stage>.yaml is layered on top of the mode. */
   stage?: StageName;
   /** Per-run overrides (from the API body or CLI flags), validated like a file. */
   overrides?: unknown;
-  /** Default: the repository's configs/ folder, or SLICEWISE_CONFIG_DIR. */
+  /** Default: SLICEWISE_CONFIG_DIR, else the repository's configs/ folder. */
   configDir?: string;
 }
 
-export function loadConfig({ trainingMode, stage, overrides, configDir = process.env.SLICEWISE_CONFIG_DIR ?? DEFAULT_CONFIG_DIR }: LoadConfigOptions): Config {
+export function loadConfig({ trainingMode, stage, overrides, configDir = env().configDir ?? DEFAULT_CONFIG_DIR }: LoadConfigOptions): Config {
   const files = [join(configDir, 'base.yaml'), join(configDir, 'modes', `${trainingMode}.yaml`)];
   if (stage) files.push(join(configDir, 'stages', `${stage}.yaml`));
   let merged: unknown = {};

@@ -7,6 +7,9 @@ export type StageName = (typeof STAGES)[number];
 
 const fraction = z.number().min(0).max(1);
 const obj = z.strictObject;
+/** The model's parameter groups (src/model/unet.ts's PARAM_GROUPS; repeated here so the config pulls in no tfjs). */
+const paramGroup = z.enum(['encoder', 'decoder', 'head']);
+const learningRate = z.number().positive();
 
 const Shape = obj({
   seed: z.number().int(),
@@ -21,13 +24,14 @@ const Shape = obj({
     max_patients: z.number().int().min(1).nullable(),
     kaggle_image_size: z.number().int().min(16).max(1024).nullable(),
   }),
-  model: obj({ preset: z.enum(['small', 'medium', 'large']), in_channels: z.number().int().min(1) }),
+  // The input channels are the modalities (data.modalities), not a setting of their own.
+  model: obj({ preset: z.enum(['small', 'medium', 'large']) }),
   training: obj({
     epochs: z.number().int().min(1),
     batch_size: z.number().int().min(1),
+    // AdamW, the only optimizer.
     optimizer: obj({
-      name: z.literal('adamw'),
-      lr: z.number().positive(),
+      lr: learningRate,
       weight_decay: z.number().min(0),
       betas: z.tuple([z.number(), z.number()]),
       eps: z.number().positive(),
@@ -38,16 +42,36 @@ const Shape = obj({
     augmentation: z.enum(['none', 'minimal', 'moderate', 'aggressive']),
     keep_last_n: z.number().int().min(1),
   }),
-  // Stage-specific settings (loss weights, trainable parts); the training steps validate their own part.
-  stage: z.record(z.string(), z.unknown()).optional(),
+  // The training stage's own settings: base.yaml holds the loss defaults, configs/stages/<stage>.yaml the rest.
+  // Which data a stage reads and which metric picks its best checkpoint are fixed per stage by src/model.
+  stage: obj({
+    /** Groups that train (default per stage: seg_warmup encoder + decoder, cls_head head, joint all). */
+    trainable: z.array(paramGroup).min(1).optional(),
+    /** BraTS / Kaggle proportions of a training epoch (stages that read both). Unset: each sample once. */
+    mix: obj({ brats: z.number().min(0), kaggle: z.number().min(0) })
+      .refine((m) => m.brats + m.kaggle > 0, { message: 'brats + kaggle must be > 0' })
+      .optional(),
+    /** Base learning rate per group; a group without one uses training.optimizer.lr. */
+    lr: obj({ encoder: learningRate, decoder: learningRate, head: learningRate }).partial().optional(),
+    loss: obj({
+      label_smoothing: z.number().min(0).lt(1),
+      lambda_seg: z.number().min(0),
+      lambda_cls: z.number().min(0),
+      dice_weight: z.number().min(0),
+      bce_weight: z.number().min(0),
+      dice_smooth: z.number().positive(),
+    }),
+  }),
   workers: obj({ preprocess_attempts: z.number().int().min(1), download_attempts: z.number().int().min(1) }),
 });
 
 /**
  * The same schema with every key optional at every depth, still strict: one layer (a YAML file, or a run's
- * overrides) is validated on its own, which is what lets an error name the file that holds the bad key.
+ * overrides) is validated on its own, which is what lets an error name the file that holds the bad key. An
+ * optional object is made deep-partial too (a layer may set one of its keys; the merged config has them all).
  */
 function deepPartial(schema: z.ZodType): z.ZodType {
+  if (schema instanceof z.ZodOptional) return deepPartial(schema.unwrap() as z.ZodType).optional();
   if (schema instanceof z.ZodObject) {
     const shape = Object.fromEntries(Object.entries(schema.shape as Record<string, z.ZodType>).map(([k, v]) => [k, deepPartial(v).optional()]));
     return z.strictObject(shape);

@@ -1,17 +1,19 @@
 /**
  * NumPy .npy files: writer (format 1.0) and reader (formats 1.0, 2.0 and 3.0) for the two dtypes the pipeline
- * stores, little-endian float32 ('<f4') and uint8 ('|u1'), C order.
+ * stores, little-endian float32 ('<f4') and uint8 ('|u1'), C order: whole arrays (readNpy, decodeNpy), or one row
+ * at a time from a file on disk (openNpyRows), both through the one header parser below.
  *
  * Layout: "\x93NUMPY", major, minor, header length (uint16 LE in 1.0, uint32 LE in 2.0/3.0), then a Python dict
  * literal padded with spaces and ended by '\n' so that the data starts at a multiple of 64 bytes (as numpy writes it).
  */
-import { readFile } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
+import { openDataFile, readDataFile } from '../lib/data-file.js';
 import { DataFileError } from '../lib/errors.js';
 
 const MAGIC = Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]); // \x93NUMPY
 const ALIGN = 64;
 
-export interface NpyArray {
+interface NpyArray {
   data: Float32Array | Uint8Array;
   shape: number[];
   dtype: string;
@@ -75,23 +77,28 @@ export function allocNpy(dtype: 'float32' | 'uint8', shape: number[]): { file: B
   return { file, data };
 }
 
-/** Decode a .npy file held in memory. The returned data is a copy, never a view of `buf`. */
-export function decodeNpy(buf: Buffer, file = '<buffer>'): NpyArray {
-  if (buf.length < 10 || !buf.subarray(0, 6).equals(MAGIC)) throw new DataFileError(file, 'not a .npy file (no \\x93NUMPY magic)');
+interface NpyHeader {
+  descr: string;
+  shape: number[];
+  /** Byte offset of the data. */
+  dataOffset: number;
+}
+
+/**
+ * The header at the start of `buf` (a whole file, or its first bytes); null when `buf` ends before the header
+ * does. Throws a DataFileError naming `file` when the bytes are not a .npy header this reader supports.
+ */
+function parseNpyHeader(buf: Buffer, file: string): NpyHeader | null {
+  if (buf.length < MAGIC.length) return null;
+  if (!buf.subarray(0, MAGIC.length).equals(MAGIC)) throw new DataFileError(file, 'not a .npy file (no \\x93NUMPY magic)');
+  if (buf.length < 8) return null;
   const major = buf[6];
-  let headerLen: number;
-  let start: number;
-  if (major === 1) {
-    headerLen = buf.readUInt16LE(8);
-    start = 10;
-  } else if (major === 2 || major === 3) {
-    if (buf.length < 12) throw new DataFileError(file, 'truncated .npy header');
-    headerLen = buf.readUInt32LE(8);
-    start = 12;
-  } else {
-    throw new DataFileError(file, `unsupported .npy format version ${major}.${buf[7]}`);
-  }
-  if (buf.length < start + headerLen) throw new DataFileError(file, 'truncated .npy header');
+  const lengthBytes = major === 1 ? 2 : major === 2 || major === 3 ? 4 : 0;
+  if (lengthBytes === 0) throw new DataFileError(file, `unsupported .npy format version ${major}.${buf[7]}`);
+  const start = 8 + lengthBytes;
+  if (buf.length < start) return null;
+  const headerLen = lengthBytes === 2 ? buf.readUInt16LE(8) : buf.readUInt32LE(8);
+  if (buf.length < start + headerLen) return null;
   const header = buf.toString(major === 3 ? 'utf8' : 'latin1', start, start + headerLen);
 
   const descr = /'descr'\s*:\s*'([^']*)'/.exec(header)?.[1];
@@ -107,9 +114,15 @@ export function decodeNpy(buf: Buffer, file = '<buffer>'): NpyArray {
     .filter((s) => s !== '')
     .map((s) => Number(s.replace(/L$/, '')));
   if (shape.some((d) => !Number.isInteger(d) || d < 0)) throw new DataFileError(file, `malformed .npy shape (${shapeText})`);
+  return { descr, shape, dataOffset: start + headerLen };
+}
 
+/** Decode a .npy file held in memory. The returned data is a copy, never a view of `buf`. */
+export function decodeNpy(buf: Buffer, file = '<buffer>'): NpyArray {
+  const h = parseNpyHeader(buf, file);
+  if (!h) throw new DataFileError(file, 'truncated .npy header');
+  const { descr, shape, dataOffset: dataStart } = h;
   const n = product(shape);
-  const dataStart = start + headerLen;
   let data: Float32Array | Uint8Array;
   let dtype: string;
   if (descr === '<f4' || descr === '>f4') {
@@ -137,12 +150,63 @@ export function decodeNpy(buf: Buffer, file = '<buffer>'): NpyArray {
 
 /** Read and decode a .npy file; every failure is a DataFileError naming the file. */
 export async function readNpy(file: string): Promise<NpyArray> {
-  let buf: Buffer;
-  try {
-    buf = await readFile(file);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new DataFileError(file, code === 'ENOENT' ? 'file not found' : `cannot read file: ${(err as Error).message}`);
+  return decodeNpy(await readDataFile(file), file);
+}
+
+/** Random access to the rows (first-axis entries) of a float32 ('<f4') N x H x W .npy file, read on demand. */
+export interface NpyRows {
+  readonly file: string;
+  /** N x H x W. */
+  readonly shape: readonly [number, number, number];
+  readonly rows: number;
+  /** Copies row `i` (H x W floats) into `out` at `offset`. */
+  readRow(i: number, out: Float32Array, offset: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** The header of an open .npy file, read in growing chunks from its start. */
+async function readHeader(fh: FileHandle, file: string): Promise<NpyHeader> {
+  for (let size = 256; ; size *= 4) {
+    const buf = Buffer.alloc(size);
+    const { bytesRead } = await fh.read(buf, 0, size, 0);
+    const header = parseNpyHeader(buf.subarray(0, bytesRead), file);
+    if (header) return header;
+    if (bytesRead < size) throw new DataFileError(file, 'truncated .npy header');
   }
-  return decodeNpy(buf, file);
+}
+
+/**
+ * Opens a float32 N x H x W .npy file for row reads: only its header is read here, and each readRow reads one
+ * row. Checks the dtype, the rank and that the file holds all the data its header describes. Close it when done.
+ */
+export async function openNpyRows(file: string): Promise<NpyRows> {
+  const fh = await openDataFile(file);
+  try {
+    const { descr, shape, dataOffset } = await readHeader(fh, file);
+    if (descr !== '<f4') throw new DataFileError(file, `expected float32 ('<f4') rows, found '${descr}'`);
+    if (shape.length !== 3) throw new DataFileError(file, `expected an N x H x W array, found shape (${shape.join(', ')})`);
+    const { size: fileSize } = await fh.stat();
+    const need = dataOffset + product(shape) * 4;
+    if (fileSize < need) throw new DataFileError(file, `truncated: ${need} bytes expected, ${fileSize} present`);
+    const [rows, h, w] = shape as [number, number, number];
+    const rowBytes = h * w * 4;
+    return {
+      file,
+      shape: [rows, h, w],
+      rows,
+      async readRow(i, out, offset) {
+        if (!Number.isInteger(i) || i < 0 || i >= rows) throw new RangeError(`${file}: row ${i} is out of range (${rows} rows)`);
+        const bytes = Buffer.alloc(rowBytes);
+        const { bytesRead } = await fh.read(bytes, 0, rowBytes, dataOffset + i * rowBytes);
+        if (bytesRead !== rowBytes) throw new DataFileError(file, `short read of row ${i}`);
+        // Buffer.alloc never hands out pooled memory: the bytes start at offset 0, aligned for a Float32Array view
+        // (the data is little-endian, as is every platform Node runs on).
+        out.set(new Float32Array(bytes.buffer, bytes.byteOffset, h * w), offset);
+      },
+      close: () => fh.close(),
+    };
+  } catch (err) {
+    await fh.close();
+    throw err;
+  }
 }

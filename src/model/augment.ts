@@ -69,7 +69,7 @@ export const AUGMENT_PRESETS: Record<AugmentPreset, AugmentSpec> = {
   },
 };
 
-export function resolveAugment(preset: AugmentPreset | Partial<AugmentSpec> | undefined): AugmentSpec {
+function resolveAugment(preset: AugmentPreset | Partial<AugmentSpec> | undefined): AugmentSpec {
   if (preset === undefined) return IDENTITY;
   if (typeof preset === 'string') {
     const spec = AUGMENT_PRESETS[preset];
@@ -79,7 +79,7 @@ export function resolveAugment(preset: AugmentPreset | Partial<AugmentSpec> | un
   return { ...IDENTITY, ...preset };
 }
 
-export interface AugmentBatch {
+interface AugmentBatch {
   /** N x H x W x C images, modified in place. */
   x: Float32Array;
   /** N x H x W x 1 masks (or null), modified in place with the same geometry. */
@@ -91,7 +91,7 @@ export interface AugmentBatch {
 }
 
 /** The transform drawn for one sample (exported for tests and logging). */
-export interface SampleTransform {
+interface SampleTransform {
   hflip: boolean;
   vflip: boolean;
   /** Radians. */
@@ -102,7 +102,7 @@ export interface SampleTransform {
   noiseStd: number;
 }
 
-export function drawTransform(spec: AugmentSpec, rng: () => number): SampleTransform {
+function drawTransform(spec: AugmentSpec, rng: () => number): SampleTransform {
   // Always draw the same number of values per sample, so one sample's draws do not shift the next one's.
   const u = Array.from({ length: 10 }, () => rng());
   const uniform = (x: number, lo: number, hi: number): number => lo + x * (hi - lo);
@@ -137,7 +137,7 @@ function gaussian(rng: () => number): number {
  * Apply one transform to sample `i` of the batch in place. The geometric mapping sends each output pixel (r, c)
  * to an input position: undo the flips, then rotate by -angle and divide by the scale about the image centre.
  */
-export function applyTransform(b: AugmentBatch, i: number, t: SampleTransform, rng: () => number): void {
+function applyTransform(b: AugmentBatch, i: number, t: SampleTransform, rng: () => number): void {
   const { height: H, width: W, channels: C } = b;
   const area = H * W;
   const xOff = i * area * C;

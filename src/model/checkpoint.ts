@@ -22,14 +22,15 @@ import { readdir, readFile, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs';
 import { writeFileAtomic } from '../lib/atomic.js';
+import { fileAccessError, readDataFile } from '../lib/data-file.js';
 import { DataFileError, SliceWiseError } from '../lib/errors.js';
 import type { AdamWState, EarlyStoppingState } from './optim.js';
 import { createUNet, groupOfName, PARAM_GROUPS, type ParamGroup, type UNetConfig, type UNetModel } from './unet.js';
 
-export const MODEL_FORMAT = 'slicewise-unet';
-export const FORMAT_VERSION = 1;
+const MODEL_FORMAT = 'slicewise-unet';
+const FORMAT_VERSION = 1;
 
-export interface WeightEntry {
+interface WeightEntry {
   name: string;
   shape: number[];
   dtype: 'float32';
@@ -37,7 +38,7 @@ export interface WeightEntry {
   kind: 'param' | 'buffer';
 }
 
-export interface ModelJson {
+interface ModelJson {
   format: typeof MODEL_FORMAT;
   formatVersion: number;
   config: UNetConfig;
@@ -88,7 +89,7 @@ interface TrainingStateJson extends TrainingState {
   optimizer: OptimizerManifest | null;
 }
 
-export interface SaveResult {
+interface SaveResult {
   dir: string;
   /** sha256 (hex) per file written. */
   files: Record<string, string>;
@@ -193,24 +194,15 @@ export async function saveCheckpoint(
   return { dir, files };
 }
 
-async function readBytes(file: string): Promise<Buffer> {
-  try {
-    return await readFile(file);
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new DataFileError(file, code === 'ENOENT' ? 'file not found' : `cannot read file: ${(err as Error).message}`);
-  }
-}
-
 /** Parse and check model.json. */
 export async function readModelJson(dir: string): Promise<ModelJson> {
   const file = join(dir, 'model.json');
+  const text = (await readDataFile(file)).toString('utf8');
   let m: ModelJson;
   try {
-    m = JSON.parse((await readBytes(file)).toString('utf8')) as ModelJson;
+    m = JSON.parse(text) as ModelJson;
   } catch (err) {
-    if (err instanceof DataFileError) throw err;
-    throw new DataFileError(file, `invalid JSON: ${(err as Error).message}`);
+    throw new DataFileError(file, `invalid JSON: ${(err as Error).message}`, { cause: err });
   }
   if (m.format !== MODEL_FORMAT) throw new DataFileError(file, `not a ${MODEL_FORMAT} checkpoint (format ${JSON.stringify(m.format)})`);
   if (m.formatVersion > FORMAT_VERSION) throw new DataFileError(file, `format version ${m.formatVersion} is newer than this reader (${FORMAT_VERSION})`);
@@ -219,7 +211,7 @@ export async function readModelJson(dir: string): Promise<ModelJson> {
   return m;
 }
 
-export interface LoadOptions {
+interface LoadOptions {
   /** Groups to load (default all); the others keep their initial values. */
   groups?: readonly ParamGroup[];
   /** Load into this model instead of creating one (its architecture must match). */
@@ -228,7 +220,7 @@ export interface LoadOptions {
   seed?: number;
 }
 
-export interface LoadResult {
+interface LoadResult {
   model: UNetModel;
   config: UNetConfig;
   /** Names of the parameters and buffers loaded. */
@@ -249,7 +241,7 @@ export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promi
   const groups = opts.groups ?? PARAM_GROUPS;
   for (const g of groups) if (!PARAM_GROUPS.includes(g)) throw new RangeError(`unknown parameter group "${g}"`);
   const weightsFile = join(dir, modelJson.weightsManifest[0]!.paths[0]!);
-  const bytes = await readBytes(weightsFile);
+  const bytes = await readDataFile(weightsFile);
   const digest = sha256(bytes);
   if (digest !== modelJson.sha256?.['weights.bin']) {
     throw new DataFileError(weightsFile, `sha256 ${digest} does not match model.json (${modelJson.sha256?.['weights.bin']}): the checkpoint is incomplete or was modified`);
@@ -311,7 +303,7 @@ export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promi
   return { model, config, loaded, weightsSha256: digest, modelJson };
 }
 
-export interface LoadedTrainingState extends TrainingState {
+interface LoadedTrainingState extends TrainingState {
   optimizer: AdamWState | null;
   weightsSha256: string;
 }
@@ -324,13 +316,13 @@ export async function readTrainingState(dir: string): Promise<LoadedTrainingStat
     raw = await readFile(file);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw new DataFileError(file, `cannot read file: ${(err as Error).message}`);
+    throw fileAccessError(file, err, 'read');
   }
   let s: TrainingStateJson;
   try {
     s = JSON.parse(raw.toString('utf8')) as TrainingStateJson;
   } catch (err) {
-    throw new DataFileError(file, `invalid JSON: ${(err as Error).message}`);
+    throw new DataFileError(file, `invalid JSON: ${(err as Error).message}`, { cause: err });
   }
   if (s.format !== 'slicewise-training-state') throw new DataFileError(file, 'not a slicewise training state');
   const modelJson = await readModelJson(dir);
@@ -341,7 +333,7 @@ export async function readTrainingState(dir: string): Promise<LoadedTrainingStat
   if (s.optimizer) {
     const o = s.optimizer;
     const binFile = join(dir, o.file);
-    const bin = await readBytes(binFile);
+    const bin = await readDataFile(binFile);
     if (sha256(bin) !== o.sha256) throw new DataFileError(binFile, 'sha256 does not match training_state.json');
     const expected = o.slots.reduce((t, sl) => t + 2 * size(sl.shape) * 4, 0);
     if (bin.length !== expected) throw new DataFileError(binFile, `${bin.length} bytes, the manifest describes ${expected}`);
@@ -361,7 +353,7 @@ export async function readTrainingState(dir: string): Promise<LoadedTrainingStat
 }
 
 /** Epoch checkpoint folders (epoch-<n>) under `root`, oldest first. */
-export async function listEpochCheckpoints(root: string): Promise<{ epoch: number; dir: string }[]> {
+async function listEpochCheckpoints(root: string): Promise<{ epoch: number; dir: string }[]> {
   let names: string[];
   try {
     names = await readdir(root);

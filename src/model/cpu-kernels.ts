@@ -1,6 +1,6 @@
 /**
  * Faster convolution kernels (forward, input gradient, filter gradient) for the tfjs 'cpu' backend (tests and small CPU runs only; the production
- * backend is set up in src/model/backend/).
+ * backend is set up by the tfjs-wasm-training package, packages/tfjs-wasm-training, through src/model/engine.ts).
  *
  * tfjs-backend-cpu 4.22 computes the filter gradient with TensorBuffer.get() per multiply-add, about 50x slower
  * than its own forward convolution: a single training step of the small U-Net on 8 x 32 x 32 takes minutes.
@@ -15,34 +15,49 @@ interface BackendWithData {
   makeTensorInfo(shape: number[], dtype: string, values: Float32Array): tf.TensorInfo;
 }
 
-function conv2DBackpropFilterFast(args: { inputs: tf.NamedTensorInfoMap; backend: unknown; attrs?: tf.NamedAttrMap }): tf.TensorInfo {
-  const { inputs, attrs } = args;
+type KernelArgs = { inputs: tf.NamedTensorInfoMap; backend: unknown; attrs?: tf.NamedAttrMap };
+
+interface ConvAttrs {
+  strides: [number, number] | number;
+  pad: 'valid' | 'same' | number;
+  dataFormat: 'NHWC' | 'NCHW';
+  dilations?: [number, number] | number;
+  dimRoundingMode?: 'floor' | 'round' | 'ceil';
+  /** Conv2DBackpropFilter: the filter's shape. */
+  filterShape?: [number, number, number, number];
+  /** Conv2DBackpropInput: the input's shape. */
+  inputShape?: [number, number, number, number];
+}
+
+type Shape4 = [number, number, number, number];
+
+/** The convolution's geometry (NHWC) and the backend's value arrays of the two named inputs. */
+function convSetup(args: KernelArgs, xShape: Shape4, filterShape: Shape4, a: ConvAttrs, names: [string, string]) {
   const backend = args.backend as BackendWithData;
-  const x = inputs.x as tf.TensorInfo;
-  const dy = inputs.dy as tf.TensorInfo;
-  const a = (attrs ?? {}) as unknown as {
-    strides: [number, number] | number;
-    pad: 'valid' | 'same' | number;
-    dataFormat: 'NHWC' | 'NCHW';
-    dimRoundingMode?: 'floor' | 'round' | 'ceil';
-    filterShape: [number, number, number, number];
-  };
-  if (a.dataFormat === 'NCHW') throw new Error('conv2DBackpropFilterFast: NCHW is not supported');
   const info = tf.backend_util.computeConv2DInfo(
-    x.shape as [number, number, number, number],
-    a.filterShape,
+    xShape,
+    filterShape,
     a.strides,
-    1,
+    a.dilations ?? 1,
     a.pad,
     a.dimRoundingMode,
     false,
-    'channelsLast',
+    tf.backend_util.convertConv2DDataFormat(a.dataFormat),
   );
+  const values = names.map((n) => backend.data.get((args.inputs[n] as tf.TensorInfo).dataId).values) as [Float32Array, Float32Array];
+  return { info, top: info.padInfo.top, left: info.padInfo.left, values, make: (shape: number[], v: Float32Array) => backend.makeTensorInfo(shape, 'float32', v) };
+}
+
+const attrsOf = (args: KernelArgs): ConvAttrs => (args.attrs ?? {}) as unknown as ConvAttrs;
+const shapeOf = (args: KernelArgs, name: string): Shape4 => (args.inputs[name] as tf.TensorInfo).shape as Shape4;
+
+// Hot path: the three kernels repeat one loop nest on purpose (a shared walker would cost a call per filter tap).
+
+function conv2DBackpropFilterFast(args: KernelArgs): tf.TensorInfo {
+  const a = attrsOf(args);
+  if (a.dataFormat === 'NCHW') throw new Error('conv2DBackpropFilterFast: NCHW is not supported');
+  const { info, top, left, values: [xv, dyv], make } = convSetup(args, shapeOf(args, 'x'), a.filterShape!, a, ['x', 'dy']);
   const { batchSize, inHeight, inWidth, inChannels, outHeight, outWidth, outChannels, strideHeight, strideWidth, filterHeight, filterWidth } = info;
-  const top = info.padInfo.top;
-  const left = info.padInfo.left;
-  const xv = backend.data.get(x.dataId).values;
-  const dyv = backend.data.get(dy.dataId).values;
   const dw = new Float32Array(filterHeight * filterWidth * inChannels * outChannels);
   for (let b = 0; b < batchSize; b++) {
     for (let yR = 0; yR < outHeight; yR++) {
@@ -67,39 +82,16 @@ function conv2DBackpropFilterFast(args: { inputs: tf.NamedTensorInfoMap; backend
       }
     }
   }
-  return backend.makeTensorInfo([filterHeight, filterWidth, inChannels, outChannels], 'float32', dw);
+  return make([filterHeight, filterWidth, inChannels, outChannels], dw);
 }
 
-function conv2DFast(args: { inputs: tf.NamedTensorInfoMap; backend: unknown; attrs?: tf.NamedAttrMap }): tf.TensorInfo {
-  const { inputs, attrs } = args;
-  const backend = args.backend as BackendWithData;
-  const x = inputs.x as tf.TensorInfo;
-  const filter = inputs.filter as tf.TensorInfo;
-  const a = (attrs ?? {}) as unknown as {
-    strides: [number, number] | number;
-    pad: 'valid' | 'same' | number;
-    dataFormat: 'NHWC' | 'NCHW';
-    dilations: [number, number] | number;
-    dimRoundingMode?: 'floor' | 'round' | 'ceil';
-  };
-  const info = tf.backend_util.computeConv2DInfo(
-    x.shape as [number, number, number, number],
-    filter.shape as [number, number, number, number],
-    a.strides,
-    a.dilations,
-    a.pad,
-    a.dimRoundingMode,
-    false,
-    tf.backend_util.convertConv2DDataFormat(a.dataFormat),
-  );
+function conv2DFast(args: KernelArgs): tf.TensorInfo {
+  const a = attrsOf(args);
+  const { info, top, left, values: [xv, wv], make } = convSetup(args, shapeOf(args, 'x'), shapeOf(args, 'filter'), a, ['x', 'filter']);
   if (info.dataFormat !== 'channelsLast' || info.dilationHeight !== 1 || info.dilationWidth !== 1) {
     return original.Conv2D!(args);
   }
   const { batchSize, inHeight, inWidth, inChannels, outHeight, outWidth, outChannels, strideHeight, strideWidth, filterHeight, filterWidth } = info;
-  const top = info.padInfo.top;
-  const left = info.padInfo.left;
-  const xv = backend.data.get(x.dataId).values;
-  const wv = backend.data.get(filter.dataId).values;
   const y = new Float32Array(batchSize * outHeight * outWidth * outChannels);
   for (let b = 0; b < batchSize; b++) {
     for (let yR = 0; yR < outHeight; yR++) {
@@ -124,37 +116,14 @@ function conv2DFast(args: { inputs: tf.NamedTensorInfoMap; backend: unknown; att
       }
     }
   }
-  return backend.makeTensorInfo([batchSize, outHeight, outWidth, outChannels], 'float32', y);
+  return make([batchSize, outHeight, outWidth, outChannels], y);
 }
 
-function conv2DBackpropInputFast(args: { inputs: tf.NamedTensorInfoMap; backend: unknown; attrs?: tf.NamedAttrMap }): tf.TensorInfo {
-  const { inputs, attrs } = args;
-  const backend = args.backend as BackendWithData;
-  const dy = inputs.dy as tf.TensorInfo;
-  const filter = inputs.filter as tf.TensorInfo;
-  const a = (attrs ?? {}) as unknown as {
-    strides: [number, number] | number;
-    pad: 'valid' | 'same' | number;
-    dataFormat: 'NHWC' | 'NCHW';
-    dimRoundingMode?: 'floor' | 'round' | 'ceil';
-    inputShape: [number, number, number, number];
-  };
+function conv2DBackpropInputFast(args: KernelArgs): tf.TensorInfo {
+  const a = attrsOf(args);
   if (a.dataFormat === 'NCHW') return original.Conv2DBackpropInput!(args);
-  const info = tf.backend_util.computeConv2DInfo(
-    a.inputShape,
-    filter.shape as [number, number, number, number],
-    a.strides,
-    1,
-    a.pad,
-    a.dimRoundingMode,
-    false,
-    'channelsLast',
-  );
+  const { info, top, left, values: [dyv, wv], make } = convSetup(args, a.inputShape!, shapeOf(args, 'filter'), a, ['dy', 'filter']);
   const { batchSize, inHeight, inWidth, inChannels, outHeight, outWidth, outChannels, strideHeight, strideWidth, filterHeight, filterWidth } = info;
-  const top = info.padInfo.top;
-  const left = info.padInfo.left;
-  const dyv = backend.data.get(dy.dataId).values;
-  const wv = backend.data.get(filter.dataId).values;
   const dx = new Float32Array(batchSize * inHeight * inWidth * inChannels);
   for (let b = 0; b < batchSize; b++) {
     for (let yR = 0; yR < outHeight; yR++) {
@@ -179,10 +148,10 @@ function conv2DBackpropInputFast(args: { inputs: tf.NamedTensorInfoMap; backend:
       }
     }
   }
-  return backend.makeTensorInfo([batchSize, inHeight, inWidth, inChannels], 'float32', dx);
+  return make([batchSize, inHeight, inWidth, inChannels], dx);
 }
 
-type AnyKernel = (args: { inputs: tf.NamedTensorInfoMap; backend: unknown; attrs?: tf.NamedAttrMap }) => tf.TensorInfo;
+type AnyKernel = (args: KernelArgs) => tf.TensorInfo;
 const original: Record<string, AnyKernel | undefined> = {};
 let installed = false;
 

@@ -1,12 +1,10 @@
 /**
  * Training data from the pipeline's outputs, streamed in batches with bounded memory.
  *
- * Inputs:
- * - BraTS: <dir>/<patientId>/{images.npy (float32 N x H x W, or N x C x H x W), masks.npy (uint8 N x H x W),
- *   meta.json (num_slices)}; a slice's class label is 1 when its mask has >= clsTumorPixels pixels.
- * - Kaggle: <dir>/{images.npy (float32 N x H x W), labels.npy (uint8 N), meta.json}; no masks.
- * - Split files: splits/brats.json {train: [patientIds], val, test, processed_dir},
- *   splits/kaggle.json {train: [row indices], val, test, processed_dir}.
+ * Inputs (paths and meta.json from src/disk/layout.ts; the split files that list them are read there too):
+ * - BraTS: a processed/brats folder's patientFiles: images.npy (float32 N x H x W, or N x C x H x W), masks.npy
+ *   (uint8 N x H x W), meta.json (num_slices); a slice's class label is 1 when its mask has >= clsTumorPixels pixels.
+ * - Kaggle: kaggleFiles: images.npy (float32 N x H x W, read row by row), labels.npy (uint8 N); no masks.
  *
  * Memory: BraTS patients are decoded whole (readNpy) into an LRU cache of at most `maxCachedPatients` (8)
  * patients; Kaggle images are read one at a time at their offset in images.npy (only labels.npy is held). Nothing
@@ -24,13 +22,12 @@
  * cycles (reshuffled on each pass) as needed, and the epoch has `epochSize` samples (default: the two sources'
  * sizes added). Without `mix`, p is the natural share and every sample is drawn exactly once per epoch.
  */
-import { open, readFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import { readNpy } from '../imaging/npy.js';
+import { kaggleFiles, patientFiles, readPatientMeta } from '../disk/layout.ts';
+import { openNpyRows, readNpy, type NpyRows } from '../imaging/npy.js';
 import { DataFileError, SliceWiseError } from '../lib/errors.js';
 import { deriveSeed, mulberry32, shuffled } from '../lib/random.js';
 
-export type SourceName = 'brats' | 'kaggle';
+type SourceName = 'brats' | 'kaggle';
 
 export interface Batch {
   /** N x H x W x C images. */
@@ -71,7 +68,7 @@ export interface BatchOptions {
   stats?: LoaderStats;
 }
 
-export interface LoaderStats {
+interface LoaderStats {
   /** Number of times a patient's arrays were decoded. */
   patientLoads: number;
   /** Largest number of decoded patients held at once. */
@@ -84,168 +81,6 @@ export interface LoaderStats {
 
 export function newLoaderStats(): LoaderStats {
   return { patientLoads: 0, maxResidentPatients: 0, kaggleReads: 0, samples: { brats: 0, kaggle: 0 } };
-}
-
-// ----------------------------------------------------------------------------------------------------------
-// Split files
-// ----------------------------------------------------------------------------------------------------------
-
-export interface SplitFile<T> {
-  train: T[];
-  val: T[];
-  test: T[];
-  processed_dir: string;
-}
-
-async function readJson(file: string): Promise<unknown> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new DataFileError(file, code === 'ENOENT' ? 'file not found' : `cannot read file: ${(err as Error).message}`);
-  }
-  try {
-    return JSON.parse(text);
-  } catch (err) {
-    throw new DataFileError(file, `invalid JSON: ${(err as Error).message}`);
-  }
-}
-
-function checkSplit<T>(file: string, raw: unknown, isItem: (v: unknown) => v is T): SplitFile<T> {
-  const o = raw as Record<string, unknown>;
-  if (!o || typeof o !== 'object') throw new DataFileError(file, 'not a JSON object');
-  if (typeof o.processed_dir !== 'string') throw new DataFileError(file, 'missing processed_dir');
-  for (const k of ['train', 'val', 'test'] as const) {
-    if (!Array.isArray(o[k]) || !(o[k] as unknown[]).every(isItem)) throw new DataFileError(file, `"${k}" is missing or has invalid entries`);
-  }
-  return { train: o.train as T[], val: o.val as T[], test: o.test as T[], processed_dir: o.processed_dir };
-}
-
-/** splits/brats.json: patient ids per split. */
-export async function readBratsSplit(file: string): Promise<SplitFile<string>> {
-  return checkSplit(file, await readJson(file), (v): v is string => typeof v === 'string' && v !== '');
-}
-
-/** splits/kaggle.json: row indices per split. */
-export async function readKaggleSplit(file: string): Promise<SplitFile<number>> {
-  return checkSplit(file, await readJson(file), (v): v is number => Number.isInteger(v) && (v as number) >= 0);
-}
-
-/** Both split files of a run directory (either may be absent: null). */
-export async function readSplits(splitsDir: string): Promise<{ brats: SplitFile<string> | null; kaggle: SplitFile<number> | null }> {
-  const opt = async <T>(f: () => Promise<T>): Promise<T | null> => {
-    try {
-      return await f();
-    } catch (err) {
-      if (err instanceof DataFileError && err.message.endsWith('file not found')) return null;
-      throw err;
-    }
-  };
-  return {
-    brats: await opt(() => readBratsSplit(join(splitsDir, 'brats.json'))),
-    kaggle: await opt(() => readKaggleSplit(join(splitsDir, 'kaggle.json'))),
-  };
-}
-
-// ----------------------------------------------------------------------------------------------------------
-// .npy headers (random access into Kaggle's images.npy)
-// ----------------------------------------------------------------------------------------------------------
-
-interface NpyHeader {
-  descr: string;
-  shape: number[];
-  dataOffset: number;
-}
-
-function parseNpyHeader(buf: Buffer, file: string): NpyHeader | 'short' {
-  if (buf.length < 10) return 'short';
-  if (buf[0] !== 0x93 || buf.toString('latin1', 1, 6) !== 'NUMPY') throw new DataFileError(file, 'not a .npy file (no \\x93NUMPY magic)');
-  const major = buf[6];
-  let start: number;
-  let len: number;
-  if (major === 1) {
-    len = buf.readUInt16LE(8);
-    start = 10;
-  } else if (major === 2 || major === 3) {
-    if (buf.length < 12) return 'short';
-    len = buf.readUInt32LE(8);
-    start = 12;
-  } else throw new DataFileError(file, `unsupported .npy format version ${major}`);
-  if (buf.length < start + len) return 'short';
-  const header = buf.toString('latin1', start, start + len);
-  const descr = /'descr'\s*:\s*'([^']*)'/.exec(header)?.[1];
-  const fortran = /'fortran_order'\s*:\s*(True|False)/.exec(header)?.[1];
-  const shapeText = /'shape'\s*:\s*\(([^)]*)\)/.exec(header)?.[1];
-  if (descr === undefined || fortran === undefined || shapeText === undefined) throw new DataFileError(file, `malformed .npy header: ${header.trim()}`);
-  if (fortran === 'True') throw new DataFileError(file, 'Fortran-order .npy arrays are not supported');
-  const shape = shapeText
-    .split(',')
-    .map((s) => s.trim())
-    .filter((s) => s !== '')
-    .map((s) => Number(s.replace(/L$/, '')));
-  if (shape.some((d) => !Number.isInteger(d) || d < 0)) throw new DataFileError(file, `malformed .npy shape (${shapeText})`);
-  return { descr, shape, dataOffset: start + len };
-}
-
-/** Random access to the rows of a float32 N x H x W .npy file. */
-class NpyRows {
-  private constructor(
-    private readonly fh: import('node:fs/promises').FileHandle,
-    readonly file: string,
-    readonly header: NpyHeader,
-  ) {}
-
-  static async open(file: string): Promise<NpyRows> {
-    let fh: import('node:fs/promises').FileHandle;
-    try {
-      fh = await open(file, 'r');
-    } catch (err) {
-      const code = (err as NodeJS.ErrnoException).code;
-      throw new DataFileError(file, code === 'ENOENT' ? 'file not found' : `cannot open file: ${(err as Error).message}`);
-    }
-    try {
-      let size = 256;
-      for (;;) {
-        const buf = Buffer.alloc(size);
-        const { bytesRead } = await fh.read(buf, 0, size, 0);
-        const h = parseNpyHeader(buf.subarray(0, bytesRead), file);
-        if (h !== 'short') {
-          if (h.descr !== '<f4') throw new DataFileError(file, `expected float32 ('<f4') images, found '${h.descr}'`);
-          if (h.shape.length !== 3) throw new DataFileError(file, `expected an N x H x W array, found shape (${h.shape.join(', ')})`);
-          const { size: fileSize } = await fh.stat();
-          const need = h.dataOffset + h.shape.reduce((a, b) => a * b, 1) * 4;
-          if (fileSize < need) throw new DataFileError(file, `truncated: ${need} bytes expected, ${fileSize} present`);
-          return new NpyRows(fh, file, h);
-        }
-        if (bytesRead < size) throw new DataFileError(file, 'truncated .npy header');
-        size *= 4;
-      }
-    } catch (err) {
-      await fh.close();
-      throw err;
-    }
-  }
-
-  get rows(): number {
-    return this.header.shape[0]!;
-  }
-
-  /** Copy row `i` into `out` at `offset` (float32). */
-  async readRow(i: number, out: Float32Array, offset: number): Promise<void> {
-    const [, h, w] = this.header.shape as [number, number, number];
-    const n = h * w;
-    const bytes = Buffer.alloc(n * 4);
-    const { bytesRead } = await this.fh.read(bytes, 0, n * 4, this.header.dataOffset + i * n * 4);
-    if (bytesRead !== n * 4) throw new DataFileError(this.file, `short read of row ${i}`);
-    // Buffer.alloc never hands out pooled memory: the bytes start at offset 0, aligned for a Float32Array view
-    // (the data is little-endian, as is every platform Node runs on).
-    out.set(new Float32Array(bytes.buffer, bytes.byteOffset, n), offset);
-  }
-
-  close(): Promise<void> {
-    return this.fh.close();
-  }
 }
 
 // ----------------------------------------------------------------------------------------------------------
@@ -262,16 +97,11 @@ interface PatientArrays {
 }
 
 async function patientSliceCount(dir: string, id: string): Promise<number> {
-  const file = join(dir, id, 'meta.json');
-  const meta = (await readJson(file)) as { num_slices?: unknown; slices?: unknown[] };
-  const n = typeof meta.num_slices === 'number' ? meta.num_slices : Array.isArray(meta.slices) ? meta.slices.length : NaN;
-  if (!Number.isInteger(n) || n < 0) throw new DataFileError(file, 'no num_slices');
-  return n;
+  return (await readPatientMeta(patientFiles(dir, id))).num_slices;
 }
 
 async function loadPatient(dir: string, id: string): Promise<PatientArrays> {
-  const imgFile = join(dir, id, 'images.npy');
-  const maskFile = join(dir, id, 'masks.npy');
+  const { images: imgFile, masks: maskFile } = patientFiles(dir, id);
   const [img, mask] = await Promise.all([readNpy(imgFile), readNpy(maskFile)]);
   if (!(img.data instanceof Float32Array)) throw new DataFileError(imgFile, `expected float32 images, found ${img.dtype}`);
   if (!(mask.data instanceof Uint8Array)) throw new DataFileError(maskFile, `expected uint8 masks, found ${mask.dtype}`);
@@ -350,13 +180,6 @@ function* cycle(pass: (k: number) => Generator<Ref>): Generator<Ref> {
 // Batches
 // ----------------------------------------------------------------------------------------------------------
 
-/** Count the samples an epoch draws per source (without reading arrays other than meta.json). */
-export async function countSamples(opts: Pick<BatchOptions, 'brats' | 'kaggle'>): Promise<Record<SourceName, number>> {
-  let brats = 0;
-  if (opts.brats) for (const id of opts.brats.patients) brats += await patientSliceCount(opts.brats.dir, id);
-  return { brats, kaggle: opts.kaggle?.indices.length ?? 0 };
-}
-
 /** Stream an epoch's batches; see the module comment for order, mixing and memory. */
 export async function* createBatches(opts: BatchOptions): AsyncGenerator<Batch> {
   const { batchSize, shuffle, seed, epoch } = opts;
@@ -379,8 +202,9 @@ export async function* createBatches(opts: BatchOptions): AsyncGenerator<Batch> 
   let kaggle: NpyRows | null = null;
   let labels: Uint8Array | null = null;
   if (opts.kaggle && opts.kaggle.indices.length > 0) {
-    kaggle = await NpyRows.open(join(opts.kaggle.dir, 'images.npy'));
-    const labelFile = join(opts.kaggle.dir, 'labels.npy');
+    const files = kaggleFiles(opts.kaggle.dir);
+    kaggle = await openNpyRows(files.images);
+    const labelFile = files.labels;
     const l = await readNpy(labelFile).catch(async (err) => {
       await kaggle?.close();
       throw err;
@@ -393,7 +217,7 @@ export async function* createBatches(opts: BatchOptions): AsyncGenerator<Batch> 
     for (const i of opts.kaggle.indices) {
       if (i >= kaggle.rows) {
         await kaggle.close();
-        throw new SliceWiseError(`kaggle index ${i} is out of range: ${join(opts.kaggle.dir, 'images.npy')} has ${kaggle.rows} images`, {
+        throw new SliceWiseError(`kaggle index ${i} is out of range: ${kaggle.file} has ${kaggle.rows} images`, {
           status: 422,
           code: 'bad_split',
         });
@@ -454,12 +278,12 @@ export async function* createBatches(opts: BatchOptions): AsyncGenerator<Batch> 
         if (r.source === 'brats') {
           const p = await cache!.get(r.patient);
           if (r.slice >= p.slices) {
-            throw new DataFileError(join(opts.brats!.dir, r.patient, 'images.npy'), `meta.json lists more slices than the arrays hold (${p.slices})`);
+            throw new DataFileError(patientFiles(opts.brats!.dir, r.patient).images, `meta.json lists more slices than the arrays hold (${p.slices})`);
           }
           setShape(p.height, p.width, p.channels, `patient ${r.patient}`);
           arrays.push(p);
         } else {
-          const [, h, w] = kaggle!.header.shape as [number, number, number];
+          const [, h, w] = kaggle!.shape;
           setShape(h, w, 1, 'the Kaggle set');
           arrays.push(null);
         }

@@ -1,7 +1,8 @@
 /**
  * Losses of the three training stages (REFERENCE.md, "Training").
  *
- * - Segmentation: 0.6 x soft Dice (per sample, smooth 1) + 0.4 x BCE-with-logits (per sample mean over pixels).
+ * - Segmentation: 0.6 x soft Dice (per sample, smooth 1) + 0.4 x BCE-with-logits (per sample mean over pixels);
+ *   the weights and the smoothing are the stage config's loss.dice_weight, bce_weight and dice_smooth.
  * - Classification: cross-entropy with label smoothing, as PyTorch's CrossEntropyLoss(label_smoothing=eps): the
  *   target distribution is (1 - eps) x one-hot + eps / K. The original configured 0.1 and never passed it on;
  *   here it is applied.
@@ -16,9 +17,15 @@
  */
 import * as tf from '@tensorflow/tfjs';
 
-export const DICE_WEIGHT = 0.6;
-export const BCE_WEIGHT = 0.4;
-export const DICE_SMOOTH = 1;
+/** The segmentation loss's terms: diceWeight x soft Dice (smoothed by diceSmooth) + bceWeight x BCE. */
+export interface SegLossWeights {
+  diceWeight: number;
+  bceWeight: number;
+  diceSmooth: number;
+}
+
+/** The original's 0.6 x Dice + 0.4 x BCE, smooth 1 (configs/base.yaml holds the same values). */
+export const SEG_LOSS_DEFAULTS: Readonly<SegLossWeights> = { diceWeight: 0.6, bceWeight: 0.4, diceSmooth: 1 };
 
 /** Sum over every axis but the first: [N, ...] -> [N]. */
 function perSampleSum(t: tf.Tensor): tf.Tensor1D {
@@ -32,7 +39,7 @@ function perSampleMean(t: tf.Tensor): tf.Tensor1D {
 }
 
 /** Soft Dice loss per sample: 1 - (2 sum(p t) + s) / (sum p + sum t + s), p = sigmoid(logits). Shape [N]. */
-export function diceLossPerSample(logits: tf.Tensor, target: tf.Tensor, smooth = DICE_SMOOTH): tf.Tensor1D {
+export function diceLossPerSample(logits: tf.Tensor, target: tf.Tensor, smooth = SEG_LOSS_DEFAULTS.diceSmooth): tf.Tensor1D {
   const p = tf.sigmoid(logits);
   const inter = perSampleSum(tf.mul(p, target));
   const denom = tf.add(perSampleSum(p), perSampleSum(target));
@@ -40,7 +47,7 @@ export function diceLossPerSample(logits: tf.Tensor, target: tf.Tensor, smooth =
 }
 
 /** Numerically stable BCE with logits, per element: max(x, 0) - x t + log(1 + exp(-|x|)). */
-export function bceWithLogits(logits: tf.Tensor, target: tf.Tensor): tf.Tensor {
+function bceWithLogits(logits: tf.Tensor, target: tf.Tensor): tf.Tensor {
   return tf.add(tf.sub(tf.relu(logits), tf.mul(logits, target)), tf.log1p(tf.exp(tf.neg(tf.abs(logits)))));
 }
 
@@ -49,17 +56,17 @@ export function bcePerSample(logits: tf.Tensor, target: tf.Tensor): tf.Tensor1D 
   return perSampleMean(bceWithLogits(logits, target));
 }
 
-/** 0.6 x Dice + 0.4 x BCE per sample. Shape [N]. */
-export function segLossPerSample(logits: tf.Tensor, target: tf.Tensor): tf.Tensor1D {
-  return tf.add(tf.mul(diceLossPerSample(logits, target), DICE_WEIGHT), tf.mul(bcePerSample(logits, target), BCE_WEIGHT)) as tf.Tensor1D;
+/** diceWeight x Dice + bceWeight x BCE per sample (default 0.6 x Dice + 0.4 x BCE). Shape [N]. */
+export function segLossPerSample(logits: tf.Tensor, target: tf.Tensor, terms: SegLossWeights = SEG_LOSS_DEFAULTS): tf.Tensor1D {
+  return tf.add(tf.mul(diceLossPerSample(logits, target, terms.diceSmooth), terms.diceWeight), tf.mul(bcePerSample(logits, target), terms.bceWeight)) as tf.Tensor1D;
 }
 
 /**
  * Segmentation loss over the samples with weight 1: sum(w_i l_i) / denominator, the denominator defaulting to
  * max(sum(w), 1) (so a batch without any mask contributes 0, not NaN).
  */
-export function segLoss(logits: tf.Tensor, target: tf.Tensor, weight?: tf.Tensor1D, denominator?: number): tf.Scalar {
-  const per = segLossPerSample(logits, target);
+export function segLoss(logits: tf.Tensor, target: tf.Tensor, weight?: tf.Tensor1D, denominator?: number, terms: SegLossWeights = SEG_LOSS_DEFAULTS): tf.Scalar {
+  const per = segLossPerSample(logits, target, terms);
   const w = weight ?? tf.onesLike(per);
   const den = denominator ?? Math.max(1, tf.sum(w).arraySync() as number);
   return tf.div(tf.sum(tf.mul(per, w)), den) as tf.Scalar;
@@ -84,7 +91,7 @@ export function crossEntropy(logits: tf.Tensor2D, labels: tf.Tensor1D, labelSmoo
   return tf.div(tf.sum(per), denominator ?? logits.shape[0]) as tf.Scalar;
 }
 
-export interface JointLossInput {
+interface JointLossInput {
   segLogits: tf.Tensor4D;
   /** N x H x W x 1 target (zeros for samples without a mask). */
   mask: tf.Tensor4D;
@@ -96,12 +103,14 @@ export interface JointLossInput {
   lambdaSeg: number;
   lambdaCls: number;
   labelSmoothing: number;
+  /** Terms of the segmentation loss (default SEG_LOSS_DEFAULTS). */
+  segWeights?: SegLossWeights;
   /** Full-batch denominators for gradient accumulation (defaults: this batch's counts). */
   segDenominator?: number;
   clsDenominator?: number;
 }
 
-export interface JointLoss {
+interface JointLoss {
   total: tf.Scalar;
   seg: tf.Scalar;
   cls: tf.Scalar;
@@ -109,7 +118,7 @@ export interface JointLoss {
 
 /** lambda_seg x masked segmentation loss + lambda_cls x smoothed cross-entropy. */
 export function jointLoss(i: JointLossInput): JointLoss {
-  const seg = segLoss(i.segLogits, i.mask, i.hasMask, i.segDenominator);
+  const seg = segLoss(i.segLogits, i.mask, i.hasMask, i.segDenominator, i.segWeights);
   const cls = crossEntropy(i.clsLogits, i.clsLabel, i.labelSmoothing, i.clsDenominator);
   const total = tf.add(tf.mul(seg, i.lambdaSeg), tf.mul(cls, i.lambdaCls)) as tf.Scalar;
   return { total, seg, cls };

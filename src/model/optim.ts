@@ -10,13 +10,13 @@
  */
 import * as tf from '@tensorflow/tfjs';
 
-export interface AdamWHyper {
+interface AdamWHyper {
   betas: [number, number];
   eps: number;
   weightDecay: number;
 }
 
-export interface OptimGroupSpec {
+interface OptimGroupSpec {
   name: string;
   /** Parameters by name. */
   params: Map<string, tf.Variable> | Iterable<[string, tf.Variable]>;
@@ -26,7 +26,7 @@ export interface OptimGroupSpec {
   weightDecay?: number;
 }
 
-export interface OptimGroupState {
+interface OptimGroupState {
   name: string;
   /** Base learning rate. */
   initialLr: number;
@@ -36,7 +36,7 @@ export interface OptimGroupState {
   params: string[];
 }
 
-export interface AdamWSlotState {
+interface AdamWSlotState {
   name: string;
   shape: number[];
   step: number;
@@ -69,7 +69,7 @@ function zeroVariable(like: tf.Tensor): tf.Variable {
   return v;
 }
 
-export const DEFAULT_HYPER: AdamWHyper = { betas: [0.9, 0.999], eps: 1e-6, weightDecay: 1e-4 };
+const DEFAULT_HYPER: AdamWHyper = { betas: [0.9, 0.999], eps: 1e-6, weightDecay: 1e-4 };
 
 export class AdamW {
   readonly betas: [number, number];
@@ -223,7 +223,7 @@ export function globalNorm(grads: Iterable<tf.Tensor>): number {
   return tf.tidy(() => tf.sqrt(tf.addN(list.map((g) => tf.sum(tf.square(g))))).dataSync()[0]!);
 }
 
-export interface ClipResult {
+interface ClipResult {
   /** The clipped gradients: new tensors when scaled, else the very tensors passed in. */
   grads: Map<string, tf.Tensor>;
   /** The global norm before clipping. */
@@ -246,7 +246,7 @@ export function clipByGlobalNorm(grads: Map<string, tf.Tensor>, maxNorm: number)
   return { grads: out, norm, scale: coef };
 }
 
-export interface EarlyStoppingOptions {
+interface EarlyStoppingOptions {
   patience: number;
   minDelta?: number;
   mode?: 'max' | 'min';

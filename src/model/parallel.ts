@@ -34,6 +34,7 @@
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import * as tf from '@tensorflow/tfjs';
+import { ENV_KNOBS } from '../env.ts';
 import { deriveSeed } from '../lib/random.js';
 import { copyShard, disposeShardTensors, shardGradients, shardTensors, sliceShard, type LossSpec, type ShardData, type ShardGradients } from './shard-grads.js';
 import { groupOfName, parameterSpecs, resolveConfig, type ArchConfig, type PresetName, type UNetConfig, type UNetModel } from './unet.js';
@@ -43,7 +44,7 @@ const BACKENDS = ['tensorflow', 'wasm', 'cpu'] as const;
 type Backend = (typeof BACKENDS)[number];
 
 /** Where one tensor lives in a packed Float32Array. */
-export interface TensorSlot {
+interface TensorSlot {
   name: string;
   shape: number[];
   size: number;
@@ -51,7 +52,7 @@ export interface TensorSlot {
 }
 
 /** Packed layout of a U-Net's parameters and BatchNorm buffers (the model's own order). */
-export interface ModelLayout {
+interface ModelLayout {
   params: TensorSlot[];
   paramSize: number;
   buffers: TensorSlot[];
@@ -131,7 +132,7 @@ export type FromReplica =
   | { type: 'result'; id: number; loss: number; grads: Float32Array; buffers: Float32Array; ms: number }
   | { type: 'error'; id: number | null; message: string; name: string; stack?: string };
 
-export interface ReplicaJob {
+interface ReplicaJob {
   shard: ShardData;
   spec: GradientSpec;
   /** All buffers (layout order) the replica starts from. */
@@ -140,7 +141,7 @@ export interface ReplicaJob {
   clsDen: number;
 }
 
-export interface ReplicaResult {
+interface ReplicaResult {
   /** Samples of the shard. */
   n: number;
   loss: number;
@@ -154,7 +155,7 @@ export interface ReplicaResult {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-export interface ReplicaPoolOptions {
+interface ReplicaPoolOptions {
   /** Total replicas including the calling thread (>= 2): replicas - 1 worker threads are started. */
   replicas: number;
   arch: PresetName | ArchConfig;
@@ -205,8 +206,9 @@ class ReplicaThread {
   readonly exited: Promise<void>;
 
   constructor(data: ReplicaWorkerData, closing: () => boolean) {
-    const env: NodeJS.ProcessEnv = { ...process.env, SLICEWISE_TF_BACKEND: data.backend };
-    if (data.threads) env.SLICEWISE_WASM_THREADS = String(data.threads);
+    // The replica's backend and kernel threads, for everything in its thread that consults the environment.
+    const env: NodeJS.ProcessEnv = { ...process.env, [ENV_KNOBS.tfBackend.name]: data.backend };
+    if (data.threads) env[ENV_KNOBS.wasmThreads.name] = String(data.threads);
     this.worker = new Worker(ENTRY, { workerData: data, env });
     let readyResolve!: (m: FromReplica & { type: 'ready' }) => void;
     let readyReject!: (e: Error) => void;
@@ -242,7 +244,7 @@ class ReplicaThread {
         }
       }
     });
-    this.worker.on('error', (e) => fail(Object.assign(new Error(`${label} thread failed: ${e.message}`), { cause: e })));
+    this.worker.on('error', (e) => fail(new Error(`${label} thread failed: ${e.message}`, { cause: e })));
     this.worker.on('exit', (code) => {
       fail(new Error(closing() ? `${label}: the replica pool was closed` : `${label} thread exited with code ${code} (out of memory?)`));
       exitedResolve();
@@ -356,7 +358,7 @@ export function splitEven(n: number, parts: number): number[] {
 }
 
 /** Batch-like arrays (a data.ts Batch fits). */
-export interface BatchArrays {
+interface BatchArrays {
   x: Float32Array;
   mask: Float32Array | null;
   hasMask: Float32Array;

@@ -7,8 +7,8 @@
  * the shards' losses and gradients is the batch's loss and gradient (losses.ts).
  */
 import * as tf from '@tensorflow/tfjs';
-import { crossEntropy, jointLoss, segLoss } from './losses.js';
-import type { Stage } from './trainer.js';
+import type { StageName } from '../config/schema.ts';
+import { crossEntropy, jointLoss, segLoss, type SegLossWeights } from './losses.js';
 import type { ParamGroup, UNetModel } from './unet.js';
 
 /** Samples of a batch as plain arrays (NHWC images, N x H x W x 1 masks). */
@@ -33,12 +33,14 @@ export interface ShardTensors {
 
 /** What a stage's loss needs besides the data. */
 export interface LossSpec {
-  stage: Stage;
+  stage: StageName;
   /** Groups whose BatchNorm layers run in eval mode (and whose dropout is off). */
   frozen: readonly ParamGroup[];
   labelSmoothing: number;
   lambdaSeg: number;
   lambdaCls: number;
+  /** Terms of the segmentation loss (default: losses.ts's SEG_LOSS_DEFAULTS). */
+  segWeights?: SegLossWeights;
 }
 
 /** Samples [from, to) of batch-like arrays, as views (no copy). */
@@ -86,7 +88,7 @@ export function disposeShardTensors(t: ShardTensors): void {
 /** The stage's training loss of a shard (a scalar), divided by the full batch's denominators. Creates tensors. */
 export function stageLoss(model: UNetModel, spec: LossSpec, t: ShardTensors, segDen: number, clsDen: number): tf.Scalar {
   const fo = { training: true, frozen: spec.frozen };
-  if (spec.stage === 'seg_warmup') return segLoss(model.forwardSeg(t.x, fo), t.mask, t.hasMask, segDen);
+  if (spec.stage === 'seg_warmup') return segLoss(model.forwardSeg(t.x, fo), t.mask, t.hasMask, segDen, spec.segWeights);
   if (spec.stage === 'cls_head') return crossEntropy(model.forwardCls(t.x, fo), t.labels, spec.labelSmoothing, clsDen);
   const { segLogits, clsLogits } = model.forward(t.x, fo);
   return jointLoss({
@@ -98,6 +100,7 @@ export function stageLoss(model: UNetModel, spec: LossSpec, t: ShardTensors, seg
     lambdaSeg: spec.lambdaSeg,
     lambdaCls: spec.lambdaCls,
     labelSmoothing: spec.labelSmoothing,
+    segWeights: spec.segWeights,
     segDenominator: segDen,
     clsDenominator: clsDen,
   }).total;

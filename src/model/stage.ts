@@ -7,18 +7,20 @@ import { existsSync } from 'node:fs';
 import { cpus } from 'node:os';
 import { join } from 'node:path';
 import type { Config, StageName } from '../config/schema.ts';
+import { readSplits, splitFile } from '../disk/layout.ts';
+import { env } from '../env.ts';
 import { SliceWiseError } from '../lib/errors.ts';
-import { initBackend } from './backend/index.ts';
 import { loadCheckpoint } from './checkpoint.ts';
 import { installFastCpuKernels } from './cpu-kernels.ts';
-import { createBatches, readSplits, type BatchOptions } from './data.ts';
+import { createBatches, type BatchOptions } from './data.ts';
+import { initBackend } from './engine.ts';
 import { prepareResume, stageMetric, trainStage, type EpochInfo, type StageData, type TrainConfig } from './trainer.ts';
 import { createUNet, type ParamGroup, type PresetName } from './unet.ts';
 
 export interface StageInput {
   stage: StageName;
-  /** The data run's folder: splits/ and processed/ are read from here. */
-  dataRunDir: string;
+  /** The data run's splits folder (brats.json, kaggle.json); the processed folders are the ones they name. */
+  splitsDir: string;
   /** Where this stage's checkpoints go (epoch-<n>/, best/). */
   checkpointDir: string;
   /** The previous stage's best checkpoint, when there is a previous stage. */
@@ -53,7 +55,7 @@ export interface StageResult {
   stopped: boolean;
 }
 
-export interface StageHooks {
+interface StageHooks {
   onEpoch(report: EpochReport): Promise<void>;
   shouldStop(): boolean;
   log(message: string): void;
@@ -65,47 +67,39 @@ const METRIC_NAME: Record<StageName, string> = { seg_warmup: 'val_dice', cls_hea
  * Micro-batch for a backend: the wasm heap stops at 4 GB, and the small preset at 256 x 256 needs ~3.7 GB for a
  * batch of 8 (measured). Memory scales with pixels and, roughly, with the base width squared.
  */
-export function autoMicroBatch(backend: string, preset: PresetName, imageSize: number, batchSize: number): number {
+function autoMicroBatch(backend: string, preset: PresetName, imageSize: number, batchSize: number): number {
   if (backend === 'tensorflow') return batchSize;
   const widthFactor = { small: 1, medium: 4, large: 16 }[preset];
   const fits = Math.floor((6 * (256 * 256)) / (imageSize * imageSize) / widthFactor);
   return Math.max(1, Math.min(batchSize, fits));
 }
 
-export const REPLICAS_ENV = 'SLICEWISE_TRAIN_REPLICAS';
-
 /**
- * Data-parallel training replicas (trainer.ts, parallel.ts) for a backend: the env var SLICEWISE_TRAIN_REPLICAS
- * (a positive integer) wins; else 1 on 'tensorflow' (tfjs-node uses every core, or the GPU, by itself) and
+ * Data-parallel training replicas (trainer.ts, parallel.ts) for a backend: `configured` (SLICEWISE_TRAIN_REPLICAS,
+ * parsed by src/env.ts) wins; else 1 on 'tensorflow' (tfjs-node uses every core, or the GPU, by itself) and
  * min(cores, 2) on wasm and cpu, which run one thread per instance. Two replicas use two wasm heaps: the
  * micro-batch (autoMicroBatch) is per replica.
  */
-export function autoReplicas(backend: string, env: NodeJS.ProcessEnv = process.env, cores = cpus().length): number {
-  const raw = env[REPLICAS_ENV]?.trim();
-  if (raw) {
-    const n = Number(raw);
-    if (!Number.isInteger(n) || n < 1) throw new SliceWiseError(`${REPLICAS_ENV}=${raw} is not a positive integer`, { status: 400, code: 'bad_config' });
-    return n;
-  }
+export function autoReplicas(backend: string, configured: number | undefined = env().trainReplicas, cores = cpus().length): number {
+  if (configured !== undefined) return configured;
   if (backend === 'tensorflow') return 1;
   return Math.max(1, Math.min(cores, 2));
 }
 
+/** The groups a stage trains when its config does not say. */
+const DEFAULT_TRAINABLE: Record<StageName, ParamGroup[]> = { seg_warmup: ['encoder', 'decoder'], cls_head: ['head'], joint: ['encoder', 'decoder', 'head'] };
+
+/** The config's stage section (validated by src/config/schema.ts) as the trainer takes it. */
 function stageSettings(c: Config, stage: StageName) {
-  const s = (c.stage ?? {}) as {
-    trainable?: ParamGroup[];
-    mix?: { brats: number; kaggle: number };
-    lr?: Partial<Record<ParamGroup, number>>;
-    loss?: { label_smoothing?: number; lambda_seg?: number; lambda_cls?: number };
-  };
-  const trainable = s.trainable ?? (stage === 'seg_warmup' ? ['encoder', 'decoder'] : stage === 'cls_head' ? ['head'] : ['encoder', 'decoder', 'head']);
+  const { trainable, mix, lr, loss } = c.stage;
   return {
-    trainable,
-    mix: s.mix,
-    lrGroups: s.lr,
-    labelSmoothing: s.loss?.label_smoothing ?? 0.1,
-    lambdaSeg: s.loss?.lambda_seg ?? 1,
-    lambdaCls: s.loss?.lambda_cls ?? 0.5,
+    trainable: trainable ?? DEFAULT_TRAINABLE[stage],
+    mix,
+    lrGroups: lr,
+    labelSmoothing: loss.label_smoothing,
+    lambdaSeg: loss.lambda_seg,
+    lambdaCls: loss.lambda_cls,
+    segLoss: { diceWeight: loss.dice_weight, bceWeight: loss.bce_weight, diceSmooth: loss.dice_smooth },
   };
 }
 
@@ -118,15 +112,15 @@ export async function runStage(input: StageInput, hooks: StageHooks): Promise<St
   // Replicas share the cores with wasm's own kernel threads: give each replica its share of the cores (unless
   // SLICEWISE_WASM_THREADS says otherwise; the worker replicas inherit it).
   let replicaThreads: number | undefined;
-  if (replicas > 1 && info.backend === 'wasm' && !process.env.SLICEWISE_WASM_THREADS) {
+  if (replicas > 1 && info.backend === 'wasm' && !env().wasmThreads) {
     replicaThreads = Math.max(1, Math.floor(cpus().length / replicas));
     info = await initBackend({ threads: replicaThreads });
   }
   const device = `${info.backend}: ${info.device}${replicas > 1 ? ` x ${replicas} replicas` : ''}`;
   hooks.log(`${stage}: training on ${device}`);
 
-  const splits = await readSplits(join(input.dataRunDir, 'splits'));
-  if (!splits.brats) throw new SliceWiseError(`${join(input.dataRunDir, 'splits', 'brats.json')} is missing: the data run has no BraTS split`, { status: 409, code: 'no_data_run' });
+  const splits = await readSplits(input.splitsDir);
+  if (!splits.brats) throw new SliceWiseError(`${splitFile(input.splitsDir, 'brats')} is missing: the data run has no BraTS split`, { status: 409, code: 'no_data_run' });
   const useKaggle = stage !== 'seg_warmup' && splits.kaggle;
   if (stage !== 'seg_warmup' && !splits.kaggle) hooks.log(`${stage}: no Kaggle split in the data run; training on BraTS slices alone`);
   const set = (part: 'train' | 'val'): Pick<BatchOptions, 'brats' | 'kaggle'> => ({
@@ -168,6 +162,7 @@ export async function runStage(input: StageInput, hooks: StageHooks): Promise<St
       labelSmoothing: st.labelSmoothing,
       lambdaSeg: st.lambdaSeg,
       lambdaCls: st.lambdaCls,
+      segLoss: st.segLoss,
       ...(st.lrGroups ? { lrGroups: st.lrGroups } : {}),
       seed: config.seed,
     };

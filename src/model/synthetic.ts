@@ -1,16 +1,27 @@
 /**
  * Tiny synthetic training data in the pipeline's processed layout, for tests and smoke runs of the training code:
- * noise images in which a tumour is a bright square (its mask the square), written as
- *   <dir>/brats/<patientId>/{images.npy, masks.npy, meta.json}
- *   <dir>/kaggle/{images.npy, labels.npy, meta.json}
- *   <dir>/splits/{brats.json, kaggle.json}
+ * noise images in which a tumour is a bright square (its mask the square), written with layout's paths and
+ * writers (src/disk/layout.ts) as
+ *   <dir>/brats/<patientId>/{images.npy, masks.npy, meta.json}   (patientFiles)
+ *   <dir>/kaggle/{images.npy, labels.npy, meta.json}             (kaggleFiles)
+ *   <dir>/splits/{brats.json, kaggle.json}                       (splitFile)
  */
 import { join } from 'node:path';
-import { writeFileAtomic, writeJsonAtomic } from '../lib/atomic.js';
+import {
+  kaggleFiles,
+  patientFiles,
+  splitFile,
+  writeBratsSplit,
+  writeKaggleMeta,
+  writeKaggleSplit,
+  writePatientMeta,
+  type PatientMeta,
+} from '../disk/layout.ts';
+import { writeFileAtomic } from '../lib/atomic.js';
 import { deriveSeed, mulberry32 } from '../lib/random.js';
 import { encodeNpy } from '../imaging/npy.js';
 
-export interface SyntheticOptions {
+interface SyntheticOptions {
   patients?: number;
   slicesPerPatient?: number;
   kaggleImages?: number;
@@ -44,6 +55,22 @@ function drawSample(size: number, tumour: boolean, rng: () => number, img: Float
   }
 }
 
+/** A complete meta.json for arrays written without preprocessing: `tumourPixels[s]` is slice s's mask pixel count. */
+export function syntheticPatientMeta(patientId: string, imageSize: number, tumourPixels: readonly number[]): PatientMeta {
+  return {
+    patient_id: patientId,
+    source_files: {},
+    original_shape: [imageSize, imageSize, tumourPixels.length],
+    pixdim: [1, 1, 1],
+    modality: ['flair'],
+    normalize_method: 'zscore',
+    image_size: imageSize,
+    num_slices: tumourPixels.length,
+    orientation: { array_axes: ['k', 'i', 'j'], axis_codes: null },
+    slices: tumourPixels.map((pixels, s) => ({ slice_idx: s, has_tumor: pixels > 0, tumor_pixels: pixels })),
+  };
+}
+
 export async function writeSyntheticData(dir: string, opts: SyntheticOptions = {}): Promise<SyntheticLayout> {
   const nPatients = opts.patients ?? 5;
   const nSlices = opts.slicesPerPatient ?? 8;
@@ -63,17 +90,18 @@ export async function writeSyntheticData(dir: string, opts: SyntheticOptions = {
     const rng = mulberry32(deriveSeed(seed, id));
     const images = new Float32Array(nSlices * area);
     const masks = new Uint8Array(nSlices * area);
-    const slices = [];
+    const tumourPixels: number[] = [];
     for (let s = 0; s < nSlices; s++) {
       const tumour = rng() < share;
       drawSample(size, tumour, rng, images, masks, s * area);
       let pixels = 0;
       for (let k = 0; k < area; k++) pixels += masks[s * area + k]!;
-      slices.push({ slice_idx: s, has_tumor: pixels > 0, tumor_pixels: pixels });
+      tumourPixels.push(pixels);
     }
-    await writeFileAtomic(join(bratsDir, id, 'images.npy'), encodeNpy(images, [nSlices, size, size]));
-    await writeFileAtomic(join(bratsDir, id, 'masks.npy'), encodeNpy(masks, [nSlices, size, size]));
-    await writeJsonAtomic(join(bratsDir, id, 'meta.json'), { patient_id: id, image_size: size, num_slices: nSlices, slices });
+    const files = patientFiles(bratsDir, id);
+    await writeFileAtomic(files.images, encodeNpy(images, [nSlices, size, size]));
+    await writeFileAtomic(files.masks, encodeNpy(masks, [nSlices, size, size]));
+    await writePatientMeta(files, syntheticPatientMeta(id, size, tumourPixels));
   }
 
   const rng = mulberry32(deriveSeed(seed, 'kaggle'));
@@ -83,11 +111,12 @@ export async function writeSyntheticData(dir: string, opts: SyntheticOptions = {
     labels[i] = rng() < share ? 1 : 0;
     drawSample(size, labels[i] === 1, rng, kImages, null, i * area);
   }
-  await writeFileAtomic(join(kaggleDir, 'images.npy'), encodeNpy(kImages, [nKaggle, size, size]));
-  await writeFileAtomic(join(kaggleDir, 'labels.npy'), encodeNpy(labels, [nKaggle]));
-  await writeJsonAtomic(join(kaggleDir, 'meta.json'), {
+  const kFiles = kaggleFiles(kaggleDir);
+  await writeFileAtomic(kFiles.images, encodeNpy(kImages, [nKaggle, size, size]));
+  await writeFileAtomic(kFiles.labels, encodeNpy(labels, [nKaggle]));
+  await writeKaggleMeta(kFiles, {
     image_size: size,
-    items: Array.from(labels, (l, i) => ({ index: i, relPath: `${l ? 'yes' : 'no'}/img${i}.jpg`, label: l })),
+    items: Array.from(labels, (l, i) => ({ index: i, relPath: `${l ? 'yes' : 'no'}/img${i}.jpg`, label: l ? 1 : 0, brain_fraction: 1 })),
     rejected: [],
   });
 
@@ -100,7 +129,7 @@ export async function writeSyntheticData(dir: string, opts: SyntheticOptions = {
   const kTest = Math.max(1, Math.floor(nKaggle * 0.2));
   const kTrain = nKaggle - kVal - kTest;
   const kaggleSplit = { train: kIdx.slice(0, kTrain), val: kIdx.slice(kTrain, kTrain + kVal), test: kIdx.slice(kTrain + kVal) };
-  await writeJsonAtomic(join(splitsDir, 'brats.json'), { ...bratsSplit, processed_dir: bratsDir });
-  await writeJsonAtomic(join(splitsDir, 'kaggle.json'), { ...kaggleSplit, processed_dir: kaggleDir });
+  await writeBratsSplit(splitFile(splitsDir, 'brats'), { seed, ...bratsSplit, processed_dir: bratsDir });
+  await writeKaggleSplit(splitFile(splitsDir, 'kaggle'), { seed, ...kaggleSplit, processed_dir: kaggleDir });
   return { bratsDir, kaggleDir, splitsDir, patients, bratsSplit, kaggleSplit };
 }

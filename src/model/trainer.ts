@@ -3,6 +3,7 @@
  *
  *   stage        loss                                             selection metric
  *   seg_warmup   0.6 Dice + 0.4 BCE over samples with a mask      val Dice
+ *                (segLoss: the config's stage.loss dice_weight, bce_weight, dice_smooth; also in joint)
  *   cls_head     cross-entropy with label smoothing               val accuracy
  *   joint        lambda_seg x seg loss (masked) + lambda_cls x CE (val Dice + val accuracy) / 2
  *
@@ -31,6 +32,7 @@
  */
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs';
+import { STAGES, type StageName } from '../config/schema.ts';
 import { SliceWiseError } from '../lib/errors.js';
 import { deriveSeed, mulberry32 } from '../lib/random.js';
 import { augmentBatch, type AugmentPreset, type AugmentSpec } from './augment.js';
@@ -44,15 +46,12 @@ import {
   type TrainingState,
 } from './checkpoint.js';
 import type { Batch } from './data.js';
-import { crossEntropy, segLoss } from './losses.js';
+import { crossEntropy, SEG_LOSS_DEFAULTS, segLoss, type SegLossWeights } from './losses.js';
 import { ClsMetricAccumulator, combinedScore, SegMetricAccumulator, type ClsMetrics, type SegMetrics } from './metrics.js';
 import { AdamW, clipByGlobalNorm, cosineLr, EarlyStopping, type AdamWState, type EarlyStoppingState } from './optim.js';
 import { createReplicaPool, dataParallelGradients, type GradientSpec, type ReplicaPool } from './parallel.js';
-import { stageLoss, type LossSpec } from './shard-grads.js';
+import { disposeShardTensors, shardTensors, sliceShard, stageLoss, type LossSpec, type ShardTensors } from './shard-grads.js';
 import { PARAM_GROUPS, type ParamGroup, type UNetModel } from './unet.js';
-
-export type Stage = 'seg_warmup' | 'cls_head' | 'joint';
-export const STAGES: readonly Stage[] = ['seg_warmup', 'cls_head', 'joint'];
 
 export interface TrainConfig {
   epochs: number;
@@ -73,6 +72,8 @@ export interface TrainConfig {
   labelSmoothing: number;
   lambdaSeg: number;
   lambdaCls: number;
+  /** Terms of the segmentation loss (default SEG_LOSS_DEFAULTS: 0.6 x Dice + 0.4 x BCE, smooth 1). */
+  segLoss?: SegLossWeights;
   /** Per-group base learning rates, e.g. stage 3: {encoder: 1e-4, decoder: 3e-4, head: 3e-4}. */
   lrGroups?: Partial<Record<ParamGroup, number>>;
   /** Seed of augmentation (default 42). */
@@ -88,7 +89,7 @@ export interface StageData {
   val(opts: { batchSize: number }): AsyncIterable<Batch>;
 }
 
-export interface ValMetrics {
+interface ValMetrics {
   loss: number | null;
   dice: number | null;
   diceStd: number | null;
@@ -122,7 +123,7 @@ export interface EpochInfo {
   gradNorm: number;
 }
 
-export interface BatchInfo {
+interface BatchInfo {
   epoch: number;
   batch: number;
   loss: number;
@@ -130,7 +131,7 @@ export interface BatchInfo {
   gradNorm: number;
 }
 
-export interface ResumeState {
+interface ResumeState {
   bestMetric?: number | null;
   bestEpoch?: number | null;
   earlyStopping?: EarlyStoppingState | null;
@@ -139,7 +140,7 @@ export interface ResumeState {
 
 export interface TrainStageOptions {
   model: UNetModel;
-  stage: Stage;
+  stage: StageName;
   data: StageData;
   config: TrainConfig;
   trainable: readonly ParamGroup[];
@@ -177,7 +178,7 @@ export interface TrainStageResult {
 }
 
 /** Which outputs and groups a stage uses. */
-function stagePlan(stage: Stage): { seg: boolean; cls: boolean; allowed: readonly ParamGroup[] } {
+function stagePlan(stage: StageName): { seg: boolean; cls: boolean; allowed: readonly ParamGroup[] } {
   switch (stage) {
     case 'seg_warmup':
       return { seg: true, cls: false, allowed: ['encoder', 'decoder'] };
@@ -203,37 +204,15 @@ function checkConfig(c: TrainConfig): void {
 }
 
 /** Stage's selection metric from validation metrics. */
-export function stageMetric(stage: Stage, m: ValMetrics): number | null {
+export function stageMetric(stage: StageName, m: ValMetrics): number | null {
   if (stage === 'seg_warmup') return m.dice;
   if (stage === 'cls_head') return m.accuracy;
   return m.combined;
 }
 
-interface BatchTensors {
-  x: tf.Tensor4D;
-  mask: tf.Tensor4D;
-  hasMask: tf.Tensor1D;
-  labels: tf.Tensor1D;
-}
-
 /** Tensors for samples [from, to) of a batch. */
-function sliceTensors(b: Batch, from: number, to: number): BatchTensors {
-  const n = to - from;
-  const area = b.height * b.width;
-  const px = area * b.channels;
-  return {
-    x: tf.tensor4d(b.x.subarray(from * px, to * px), [n, b.height, b.width, b.channels]),
-    mask: b.mask ? tf.tensor4d(b.mask.subarray(from * area, to * area), [n, b.height, b.width, 1]) : tf.zeros([n, b.height, b.width, 1]),
-    hasMask: tf.tensor1d(b.hasMask.subarray(from, to)),
-    labels: tf.tensor1d(b.clsLabel.subarray(from, to), 'int32'),
-  };
-}
-
-function disposeTensors(t: BatchTensors): void {
-  t.x.dispose();
-  t.mask.dispose();
-  t.hasMask.dispose();
-  t.labels.dispose();
+function sliceTensors(b: Batch, from: number, to: number): ShardTensors {
+  return shardTensors(sliceShard(b, from, to));
 }
 
 function emptyValMetrics(): ValMetrics {
@@ -255,18 +234,19 @@ function emptyValMetrics(): ValMetrics {
   };
 }
 
-export interface EvaluateOptions {
+interface EvaluateOptions {
   seg: boolean;
   cls: boolean;
   /** For the loss: */
   labelSmoothing?: number;
   lambdaSeg?: number;
   lambdaCls?: number;
+  segWeights?: SegLossWeights;
   /** Largest number of samples run at once (batches are split). */
   microBatch?: number;
 }
 
-export interface EvaluateResult {
+interface EvaluateResult {
   metrics: ValMetrics;
   seg: SegMetrics | null;
   cls: ClsMetrics | null;
@@ -276,7 +256,7 @@ export interface EvaluateResult {
  * Evaluate a model (eval mode: running BatchNorm statistics, no dropout) over batches. The loss reported is the
  * stage's loss (seg, CE, or joint) averaged like in training.
  */
-export async function evaluateModel(model: UNetModel, batches: AsyncIterable<Batch>, opts: EvaluateOptions): Promise<EvaluateResult> {
+async function evaluateModel(model: UNetModel, batches: AsyncIterable<Batch>, opts: EvaluateOptions): Promise<EvaluateResult> {
   const segAcc = new SegMetricAccumulator(0.5);
   const clsAcc = new ClsMetricAccumulator(0.5);
   const ls = opts.labelSmoothing ?? 0;
@@ -299,7 +279,7 @@ export async function evaluateModel(model: UNetModel, batches: AsyncIterable<Bat
           if (fwd.segLogits) {
             r.segProb = (tf.sigmoid(fwd.segLogits).dataSync() as Float32Array).slice();
             // Sum of per-sample seg losses over samples with a mask (denominator 1 gives the weighted sum).
-            r.segLoss = segLoss(fwd.segLogits, t.mask, t.hasMask, 1).dataSync()[0]!;
+            r.segLoss = segLoss(fwd.segLogits, t.mask, t.hasMask, 1, opts.segWeights).dataSync()[0]!;
           }
           if (fwd.clsLogits) {
             r.clsProb = (tf.softmax(fwd.clsLogits).slice([0, 1], [-1, 1]).dataSync() as Float32Array).slice();
@@ -324,7 +304,7 @@ export async function evaluateModel(model: UNetModel, batches: AsyncIterable<Bat
         }
         samples += to - from;
       } finally {
-        disposeTensors(t);
+        disposeShardTensors(t);
       }
     }
   }
@@ -332,27 +312,25 @@ export async function evaluateModel(model: UNetModel, batches: AsyncIterable<Bat
   m.samples = samples;
   const seg = opts.seg ? segAcc.result() : null;
   const cls = opts.cls && clsCount > 0 ? clsAcc.result() : null;
-  if (seg) {
-    m.dice = seg.dice;
-    m.diceStd = seg.diceStd;
-    m.iou = seg.iou;
-    m.diceGlobal = seg.diceGlobal;
-    m.iouGlobal = seg.iouGlobal;
-  }
-  if (cls) {
-    m.accuracy = cls.accuracy;
-    m.precision = cls.precision;
-    m.recall = cls.recall;
-    m.specificity = cls.specificity;
-    m.f1 = cls.f1;
-    m.rocAuc = cls.rocAuc;
-  }
+  if (seg) Object.assign(m, { dice: seg.dice, diceStd: seg.diceStd, iou: seg.iou, diceGlobal: seg.diceGlobal, iouGlobal: seg.iouGlobal } satisfies Partial<ValMetrics>);
+  if (cls) Object.assign(m, { accuracy: cls.accuracy, precision: cls.precision, recall: cls.recall, specificity: cls.specificity, f1: cls.f1, rocAuc: cls.rocAuc } satisfies Partial<ValMetrics>);
   m.combined = combinedScore(m.dice, m.accuracy);
   const segMean = segCount > 0 ? segLossSum / segCount : null;
   const clsMean = clsCount > 0 ? clsLossSum / clsCount : null;
   if (opts.seg && opts.cls) m.loss = segMean === null && clsMean === null ? null : lambdaSeg * (segMean ?? 0) + lambdaCls * (clsMean ?? 0);
   else m.loss = opts.seg ? segMean : clsMean;
   return { metrics: m, seg, cls };
+}
+
+/** Adds `g` into acc[name] (taking ownership of `g`). */
+function addGradient(acc: Map<string, tf.Tensor>, name: string, g: tf.Tensor): void {
+  const prev = acc.get(name);
+  if (!prev) acc.set(name, g);
+  else {
+    acc.set(name, tf.add(prev, g));
+    prev.dispose();
+    g.dispose();
+  }
 }
 
 interface ForwardOut {
@@ -403,16 +381,64 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
   let stoppedEarly = false;
   let cancelled = false;
 
-  const lossSpec: LossSpec = { stage, frozen, labelSmoothing: config.labelSmoothing, lambdaSeg: config.lambdaSeg, lambdaCls: config.lambdaCls };
+  const segWeights = config.segLoss ?? SEG_LOSS_DEFAULTS;
+  const lossSpec: LossSpec = { stage, frozen, labelSmoothing: config.labelSmoothing, lambdaSeg: config.lambdaSeg, lambdaCls: config.lambdaCls, segWeights };
   /** One micro-batch's loss (a scalar), divided by the full batch's denominators. */
-  const lossOf = (t: BatchTensors, segDen: number, clsDen: number): tf.Scalar => stageLoss(model, lossSpec, t, segDen, clsDen);
+  const lossOf = (t: ShardTensors, segDen: number, clsDen: number): tf.Scalar => stageLoss(model, lossSpec, t, segDen, clsDen);
 
   let pool: ReplicaPool | null = null;
   const gradSpec: GradientSpec = { ...lossSpec, params: optimizer.paramNames() };
 
-  /** Clip the summed gradients and step; disposes them. */
-  const applyStep = (acc: Map<string, tf.Tensor>, loss: number): { loss: number; gradNorm: number } => {
+  /** Sums one batch's gradients into `acc` (by our parameter names) and returns the batch's loss. */
+  type Accumulate = (b: Batch, acc: Map<string, tf.Tensor>, segDen: number, clsDen: number) => Promise<number>;
+
+  /** This thread alone: forward + backward over the micro-batches. */
+  const localGradients: Accumulate = async (b, acc, segDen, clsDen) => {
+    let loss = 0;
+    for (let from = 0; from < b.n; from += micro) {
+      const t = sliceTensors(b, from, Math.min(b.n, from + micro));
+      try {
+        const { value, grads } = tf.variableGrads(() => lossOf(t, segDen, clsDen), vars);
+        loss += value.dataSync()[0]!;
+        value.dispose();
+        for (const [tfName, g] of Object.entries(grads)) addGradient(acc, ourName.get(tfName)!, g);
+      } finally {
+        disposeShardTensors(t);
+      }
+    }
+    return loss;
+  };
+
+  /** Over the replica pool: chunks of replicas x micro samples, each split across the replicas. */
+  const replicaGradients: Accumulate = async (b, acc, segDen, clsDen) => {
+    pool ??= await createReplicaPool({
+      replicas,
+      arch: model.config,
+      inChannels: model.config.inChannels,
+      seed,
+      ...(opts.replicaThreads ? { threads: opts.replicaThreads } : {}),
+    });
+    pool.publishParams(model);
+    const chunk = micro * replicas;
+    let loss = 0;
+    for (let from = 0; from < b.n; from += chunk) {
+      const r = await dataParallelGradients(pool, model, b, from, Math.min(b.n, from + chunk), gradSpec, segDen, clsDen);
+      loss += r.loss;
+      for (const [name, g] of r.grads) addGradient(acc, name, g);
+    }
+    return loss;
+  };
+
+  /**
+   * One training step on a batch: the summed gradients, clipped, one AdamW step (none when the loss is not
+   * finite). Returns the batch loss and the pre-clip norm; null when the batch has nothing to learn from.
+   */
+  const trainBatch = async (b: Batch, accumulate: Accumulate): Promise<{ loss: number; gradNorm: number } | null> => {
+    const masked = b.hasMask.reduce((s, v) => s + (v > 0 ? 1 : 0), 0);
+    if (stage === 'seg_warmup' && masked === 0) return null; // nothing to learn from
+    const acc = new Map<string, tf.Tensor>();
     try {
+      const loss = await accumulate(b, acc, Math.max(1, masked), b.n);
       if (!Number.isFinite(loss)) return { loss, gradNorm: NaN };
       const clipped = clipByGlobalNorm(acc, config.gradClip);
       try {
@@ -423,88 +449,6 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
       return { loss, gradNorm: clipped.norm };
     } finally {
       for (const g of acc.values()) g.dispose();
-    }
-  };
-
-  /** trainBatch over the replica pool: chunks of replicas x micro samples, each split across the replicas. */
-  const trainBatchParallel = async (b: Batch): Promise<{ loss: number; gradNorm: number } | null> => {
-    const masked = b.hasMask.reduce((s, v) => s + (v > 0 ? 1 : 0), 0);
-    if (stage === 'seg_warmup' && masked === 0) return null;
-    const segDen = Math.max(1, masked);
-    const clsDen = b.n;
-    pool ??= await createReplicaPool({
-      replicas,
-      arch: model.config,
-      inChannels: model.config.inChannels,
-      seed,
-      ...(opts.replicaThreads ? { threads: opts.replicaThreads } : {}),
-    });
-    pool.publishParams(model);
-    const chunk = micro * replicas;
-    const acc = new Map<string, tf.Tensor>();
-    let loss = 0;
-    try {
-      for (let from = 0; from < b.n; from += chunk) {
-        const r = await dataParallelGradients(pool, model, b, from, Math.min(b.n, from + chunk), gradSpec, segDen, clsDen);
-        loss += r.loss;
-        for (const [name, g] of r.grads) {
-          const prev = acc.get(name);
-          if (!prev) acc.set(name, g);
-          else {
-            acc.set(name, tf.add(prev, g));
-            prev.dispose();
-            g.dispose();
-          }
-        }
-      }
-    } catch (e) {
-      for (const g of acc.values()) g.dispose();
-      throw e;
-    }
-    return applyStep(acc, loss);
-  };
-
-  /** Forward + backward over the micro-batches, clip, step. Returns the batch loss and the pre-clip norm. */
-  const trainBatch = (b: Batch): { loss: number; gradNorm: number } | null => {
-    const masked = b.hasMask.reduce((s, v) => s + (v > 0 ? 1 : 0), 0);
-    if (stage === 'seg_warmup' && masked === 0) return null; // nothing to learn from
-    const segDen = Math.max(1, masked);
-    const clsDen = b.n;
-    let acc: Map<string, tf.Tensor> | null = null;
-    let loss = 0;
-    try {
-      for (let from = 0; from < b.n; from += micro) {
-        const t = sliceTensors(b, from, Math.min(b.n, from + micro));
-        try {
-          const { value, grads } = tf.variableGrads(() => lossOf(t, segDen, clsDen), vars);
-          loss += value.dataSync()[0]!;
-          value.dispose();
-          if (!acc) {
-            acc = new Map();
-            for (const [tfName, g] of Object.entries(grads)) acc.set(ourName.get(tfName)!, g);
-          } else {
-            for (const [tfName, g] of Object.entries(grads)) {
-              const name = ourName.get(tfName)!;
-              const prev = acc.get(name)!;
-              acc.set(name, tf.add(prev, g));
-              prev.dispose();
-              g.dispose();
-            }
-          }
-        } finally {
-          disposeTensors(t);
-        }
-      }
-      if (!Number.isFinite(loss)) return { loss, gradNorm: NaN };
-      const clipped = clipByGlobalNorm(acc!, config.gradClip);
-      try {
-        optimizer.step(clipped.grads);
-      } finally {
-        if (clipped.grads !== acc) for (const g of clipped.grads.values()) g.dispose();
-      }
-      return { loss, gradNorm: clipped.norm };
-    } finally {
-      if (acc) for (const g of (acc as Map<string, tf.Tensor>).values()) g.dispose();
     }
   };
 
@@ -537,7 +481,7 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
           config.augmentation,
           rng,
         );
-        const r = replicas > 1 ? await trainBatchParallel(batch) : trainBatch(batch);
+        const r = await trainBatch(batch, replicas > 1 ? replicaGradients : localGradients);
         if (r) {
           if (!Number.isFinite(r.loss)) {
             throw new SliceWiseError(`stage ${stage}: training diverged (loss ${r.loss} at epoch ${epoch}, batch ${batchIndex + 1}); try a lower learning rate`, {
@@ -569,6 +513,7 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
         labelSmoothing: config.labelSmoothing,
         lambdaSeg: config.lambdaSeg,
         lambdaCls: config.lambdaCls,
+        segWeights,
         microBatch: micro,
       });
       const metric = stageMetric(stage, val.metrics);
@@ -638,7 +583,7 @@ export async function trainStage(opts: TrainStageOptions): Promise<TrainStageRes
   return { bestMetric, bestEpoch, epochsRun, lastEpoch, history, stoppedEarly, cancelled };
 }
 
-export interface PreparedResume {
+interface PreparedResume {
   /** The checkpoint resumed from. */
   dir: string;
   startEpoch: number;

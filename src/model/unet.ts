@@ -51,28 +51,28 @@ export interface UNetConfig extends ArchConfig {
   preset?: PresetName;
 }
 
-export interface CreateUNetOptions {
+interface CreateUNetOptions {
   /** Input channels (default 1). */
   inChannels?: number;
   /** Seed of the weight initialisation and of the dropout masks (default 42). */
   seed?: number;
 }
 
-export interface ForwardOptions {
+interface ForwardOptions {
   /** Training mode: batch statistics in BatchNorm (and running-stat updates), dropout in the head. */
   training: boolean;
   /** Groups whose BatchNorm layers run in eval mode (running stats, no update) even when training. */
   frozen?: readonly ParamGroup[];
 }
 
-export interface ForwardResult {
+interface ForwardResult {
   /** N x H x W x 1 logits. */
   segLogits: tf.Tensor4D;
   /** N x 2 logits (index 1 = tumour). */
   clsLogits: tf.Tensor2D;
 }
 
-export interface EncodeResult {
+interface EncodeResult {
   /** Encoder outputs from full resolution down, skips[depth] being the bottleneck. */
   skips: tf.Tensor4D[];
   bottleneck: tf.Tensor4D;
