@@ -14,10 +14,10 @@
  *   <dataDir>/checkpoints/<run>/<stage>/{epoch-N,best}/  tfjs checkpoints
  *   <dataDir>/pglite/, <dataDir>/redis/                  the embedded database and the private Redis
  */
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { writeJsonAtomic } from '../lib/atomic.ts';
+import { readDataFile } from '../lib/data-file.ts';
 import { DataFileError } from '../lib/errors.ts';
 import type { SplitName } from '../splits/index.ts';
 
@@ -127,13 +127,7 @@ export function runPaths(dataDir: string, runId: string): RunPaths {
 // ------------------------------------------------------------------------------------------------------------
 
 async function readJson(file: string): Promise<unknown> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    throw new DataFileError(file, code === 'ENOENT' ? 'file not found' : `cannot read file: ${(err as Error).message}`, { cause: err });
-  }
+  const text = (await readDataFile(file)).toString('utf8');
   try {
     return JSON.parse(text);
   } catch (err) {
