@@ -140,6 +140,6 @@ describe('API validation', () => {
     expect(res.status).toBe(200);
     expect(await res.text()).toContain('<html');
     const api = await json(await h.app.request('/admin/queues/api/queues'));
-    expect(api.queues.map((q: any) => q.name).sort()).toEqual(['download', 'pipeline', 'preprocess', 'split', 'train']);
+    expect(api.queues.map((q: any) => q.name).sort()).toEqual(['download', 'evaluate', 'pipeline', 'preprocess', 'split', 'train']);
   });
 });

@@ -6,15 +6,15 @@ import type { FlowJob } from 'bullmq';
 import { describe, expect, it } from 'vitest';
 import { loadConfig } from '../src/config/load.ts';
 import { buildRunFlow } from '../src/producers/run-flow.ts';
-import { DEFAULT_WORKER_QUEUES, QUEUE_NAMES } from '../src/queues/names.ts';
+import { DEFAULT_WORKER_QUEUES, MODEL_QUEUES, QUEUE_NAMES } from '../src/queues/names.ts';
 import { PIPELINE_MODES } from '../src/runs/input.ts';
 import { SHARD_JOBS, STEP_NAMES, stepsForMode } from '../src/runs/modes.ts';
 import { attemptsOf } from '../src/workers/define.ts';
 import { STEPS } from '../src/workers/registry.ts';
 import { SANDBOXED_STEPS } from '../src/workers/sandboxed.ts';
 
-/** What `slicewise worker` consumes by default, plus the train queue that `--queues train` and `slicewise pipeline` add. */
-const CONSUMED = new Set([...DEFAULT_WORKER_QUEUES, 'train']);
+/** What `slicewise worker` consumes by default, plus the model queues that `--queues train,evaluate` and `slicewise pipeline` add. */
+const CONSUMED = new Set([...DEFAULT_WORKER_QUEUES, ...MODEL_QUEUES]);
 
 function flatten(node: FlowJob): FlowJob[] {
   return [node, ...(node.children ?? []).flatMap(flatten)];
@@ -53,6 +53,6 @@ describe('step registry', () => {
   it('step threads know every sandboxed step, and only those', () => {
     const sandboxed = Object.values(STEPS).filter((d) => d.sandboxed).map((d) => d.name).sort();
     expect(SANDBOXED_STEPS.map((d) => d.name).sort()).toEqual(sandboxed);
-    expect(sandboxed).toEqual(['preprocess_kaggle', 'preprocess_patient']);
+    expect(sandboxed).toEqual(['compare_phases', 'evaluate_multitask', 'generate_gradcam', 'preprocess_kaggle', 'preprocess_patient']);
   });
 });

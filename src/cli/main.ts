@@ -5,9 +5,14 @@ import { serve } from '@hono/node-server';
 import { createApp } from '../api/app.ts';
 import { openDb } from '../db/client.ts';
 import { SliceWiseError } from '../lib/errors.ts';
-import { DEFAULT_WORKER_QUEUES, QUEUE_NAMES, type QueueName } from '../queues/names.ts';
+import { DEFAULT_WORKER_QUEUES, MODEL_QUEUES, QUEUE_NAMES, type QueueName } from '../queues/names.ts';
 import { buildResults } from '../runs/results.ts';
-import { cancelRun, createRun } from '../runs/service.ts';
+import { cancelRun, createRun, retryStep } from '../runs/service.ts';
+import { getEvaluation } from '../runs/reports.ts';
+import { EVAL_STEPS } from '../runs/modes.ts';
+import type { RunRow } from '../db/schema.ts';
+import { commandLineOverrides } from '../config/overrides.ts';
+import { formatEvaluation, formatPhases } from './evaluation-table.ts';
 import { getRunRow } from '../runs/store.ts';
 import { startWorkers, type WorkerHost } from '../workers/host.ts';
 import { followRun, painter } from './follow.ts';
@@ -65,6 +70,61 @@ const program = new Command('slicewise')
   .description('Brain-tumour MRI pipeline on BullMQ: download -> per-patient preprocessing -> splits (-> training -> evaluation -> demo)')
   .showHelpAfterError();
 
+/** Repeatable option: each occurrence adds to the list. */
+const collect = (v: string, all: string[]) => [...all, v];
+
+/**
+ * What `pipeline` and `retry` share: this process is the whole system (private Redis, embedded database, workers,
+ * the API on loopback), it starts a run (or a step of one) and follows it to its end, prints the evaluation when
+ * the run has one, writes pipeline_results.json here and exits non-zero when the run did not succeed.
+ */
+async function runToEnd(
+  { dataDir, port, workers, model }: { dataDir: string; port: number; workers: boolean; model: boolean },
+  start: (rt: Runtime) => Promise<RunRow>,
+): Promise<never> {
+  const rt = await openRuntime({ dataDir, say, logLevel: env().logLevel ?? 'warn' });
+  let host: WorkerHost | undefined;
+  let api: { url: string; close(): Promise<void> } | undefined;
+  let runId: string | undefined;
+  const shutdown = async (force = false) => {
+    await host?.close(force);
+    await api?.close();
+    await rt.close();
+  };
+  onSignals(
+    () => (runId ? `cancelling run ${runId} and finishing ${host?.activeCount() ?? 0} active job(s)` : 'shutting down'),
+    async () => {
+      if (runId) await cancelRun(rt.ctx, runId).catch(() => {});
+      await shutdown(false);
+    },
+    () => shutdown(true),
+  );
+  try {
+    // The model queues run here too when the run trains or evaluates.
+    if (workers) host = await startWorkers(rt.ctx, { queues: model ? [...DEFAULT_WORKER_QUEUES, ...MODEL_QUEUES] : DEFAULT_WORKER_QUEUES });
+    if (rt.embedded) {
+      api = await listen(createApp(rt.ctx), port, '127.0.0.1');
+      say(paint('blue', `API ${api.url}  ·  Bull Board ${api.url}/admin/queues  ·  run page ${api.url}/ui`));
+    }
+    const run = await start(rt);
+    runId = run.id;
+    const final = await followRun(rt.ctx, run.id);
+    const results = await buildResults(rt.ctx.db, (await getRunRow(rt.ctx.db, run.id))!);
+    const reports = await getEvaluation(rt.ctx, run.id);
+    if (reports.multitask) process.stdout.write(`\n${formatEvaluation(reports.multitask)}\n`);
+    if (reports.phase_comparison) process.stdout.write(`\nPhase comparison (each stage's best checkpoint on the test set)\n${formatPhases(reports.phase_comparison)}\n\n`);
+    await writeFile('pipeline_results.json', JSON.stringify(results, null, 2) + '\n');
+    if (final.status === 'succeeded') say(paint('green', `Run ${run.id} succeeded in ${results.total_duration_seconds?.toFixed(1)} s; wrote pipeline_results.json`));
+    else say(paint('red', `Run ${run.id} ${final.status}${final.error ? `: ${final.error}` : ''}; wrote pipeline_results.json`));
+    await shutdown();
+    // Exit explicitly: a stray timer in a dependency must not keep a finished pipeline hanging.
+    process.exit(final.status === 'succeeded' ? 0 : 1);
+  } catch (err) {
+    await shutdown(true);
+    throw err;
+  }
+}
+
 program
   .command('pipeline')
   .description('create a run and follow it to the end (the original run_full_pipeline.py); writes pipeline_results.json here')
@@ -78,40 +138,19 @@ program
   .option('--max-patients <n>', 'cap the number of patients', int('--max-patients', 1))
   .option('--image-size <n>', 'slice size in pixels (default 256)', int('--image-size', 16))
   .option('--seed <n>', 'seed for subsets, slice sampling and splits (default 42)', int('--seed'))
+  .option('--config <file>', 'a YAML layer over configs/ (same keys as configs/base.yaml)')
+  .option('--set <key=value>', 'one setting, e.g. training.epochs=10 or data.splits.train=0.8 (repeatable; wins over --config)', collect, [])
   .option('--from-run <id>', 'train-eval: the run whose prepared data to train on (default: the latest that succeeded)')
   .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port)', int('--port'), 0)
   .option('--no-workers', 'do not run workers in this process (others consume the queues)')
   .action(async (o) => {
-    const rt = await openRuntime({ dataDir: o.dataDir, say, logLevel: env().logLevel ?? 'warn' });
-    let host: WorkerHost | undefined;
-    let api: { url: string; close(): Promise<void> } | undefined;
-    let runId: string | undefined;
-    const shutdown = async (force = false) => {
-      await host?.close(force);
-      await api?.close();
-      await rt.close();
-    };
-    onSignals(
-      () => (runId ? `cancelling run ${runId} and finishing ${host?.activeCount() ?? 0} active job(s)` : 'shutting down'),
-      async () => {
-        if (runId) await cancelRun(rt.ctx, runId).catch(() => {});
-        await shutdown(false);
-      },
-      () => shutdown(true),
-    );
-    try {
-      // Training runs here too when the mode trains: this process is the whole system.
-      if (o.workers) host = await startWorkers(rt.ctx, { queues: o.mode === 'data-only' ? DEFAULT_WORKER_QUEUES : [...DEFAULT_WORKER_QUEUES, 'train'] });
-      if (rt.embedded) {
-        api = await listen(createApp(rt.ctx), o.port, '127.0.0.1');
-        say(paint('blue', `API ${api.url}  ·  Bull Board ${api.url}/admin/queues`));
-      }
-      const overrides: Record<string, unknown> = {};
-      if (o.seed !== undefined) overrides.seed = o.seed;
-      const data: Record<string, unknown> = {};
-      if (o.maxPatients !== undefined) data.max_patients = o.maxPatients;
-      if (o.imageSize !== undefined) data.image_size = o.imageSize;
-      if (Object.keys(data).length) overrides.data = data;
+    const data: Record<string, unknown> = {};
+    if (o.maxPatients !== undefined) data.max_patients = o.maxPatients;
+    if (o.imageSize !== undefined) data.image_size = o.imageSize;
+    const flags: Record<string, unknown> = { ...(o.seed !== undefined ? { seed: o.seed } : {}), ...(Object.keys(data).length ? { data } : {}) };
+    // Validated before anything starts: a bad key is an error naming its flag, not a failed run.
+    const overrides = commandLineOverrides({ configFile: o.config, flags, sets: o.set });
+    await runToEnd({ dataDir: o.dataDir, port: o.port, workers: o.workers, model: o.mode !== 'data-only' }, async (rt) => {
       const { run } = await createRun(rt.ctx, {
         mode: o.mode,
         trainingMode: o.trainingMode,
@@ -121,23 +160,45 @@ program
         ...(o.fromRun ? { fromRun: o.fromRun } : {}),
         overrides,
       });
-      runId = run.id;
       say(paint('blue', `Run ${run.id}: --mode ${o.mode} --training-mode ${o.trainingMode}; data in ${resolve(o.dataDir)}`));
+      if (Object.keys(overrides).length) say(paint('blue', `Settings over configs/: ${JSON.stringify(overrides)}`));
       if ((run.sources as { brats: string }).brats.startsWith('synthetic') || (run.sources as { kaggle: string }).kaggle.startsWith('synthetic')) {
         say(paint('yellow', 'Note: this run uses SYNTHETIC data (slicewise synth), not real scans: its numbers say nothing about real tumours'));
       }
-      const final = await followRun(rt.ctx, run.id);
-      const results = await buildResults(rt.ctx.db, (await getRunRow(rt.ctx.db, run.id))!);
-      await writeFile('pipeline_results.json', JSON.stringify(results, null, 2) + '\n');
-      if (final.status === 'succeeded') say(paint('green', `Run ${run.id} succeeded in ${results.total_duration_seconds?.toFixed(1)} s; wrote pipeline_results.json`));
-      else say(paint('red', `Run ${run.id} ${final.status}${final.error ? `: ${final.error}` : ''}; wrote pipeline_results.json`));
-      await shutdown();
-      // Exit explicitly: a stray timer in a dependency must not keep a finished pipeline hanging.
-      process.exit(final.status === 'succeeded' ? 0 : 1);
-    } catch (err) {
-      await shutdown(true);
-      throw err;
-    }
+      return run;
+    });
+  });
+
+program
+  .command('retry')
+  .description(`run one evaluation step of a finished run again, from its checkpoints (${EVAL_STEPS.join(', ')})`)
+  .argument('<run-id>', 'the run')
+  .argument('<step>', `one of ${EVAL_STEPS.join(', ')}`)
+  .option('--data-dir <dir>', 'the data dir the run was made in', 'data')
+  .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port)', int('--port'), 0)
+  .option('--no-workers', 'do not run workers in this process (others consume the queues)')
+  .action(async (runId: string, step: string, o) => {
+    await runToEnd({ dataDir: o.dataDir, port: o.port, workers: o.workers, model: true }, async (rt) => {
+      const run = await retryStep(rt.ctx, runId, step);
+      say(paint('blue', `Run ${run.id}: ${step} queued to run again`));
+      return run;
+    });
+  });
+
+program
+  .command('evaluate')
+  .description("evaluate a finished run's final model on patients or images it never saw; prints the table and writes multitask_evaluation.json")
+  .requiredOption('--run <id>', 'the run whose final model (stage 3 best checkpoint) to evaluate')
+  .option('--brats-source <src>', 'BraTS patients with segmentations: synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET')
+  .option('--brats-layout <spec>', 'modality=pattern pairs for other layouts, e.g. flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz')
+  .option('--kaggle-source <src>', 'tumour / no-tumour images (yes/ and no/ folders), same forms')
+  .option('--out <dir>', 'where multitask_evaluation.json goes', 'evaluation')
+  .option('--data-dir <dir>', 'the data dir the run was made in (its embedded database, and downloads)', 'data')
+  .action(async (o) => {
+    if (!o.bratsSource && !o.kaggleSource) throw new InvalidArgumentError('give --brats-source, --kaggle-source or both');
+    const { evaluateExternal } = await import('./evaluate.ts');
+    const report = await evaluateExternal({ runId: o.run, bratsSource: o.bratsSource, bratsLayout: o.bratsLayout, kaggleSource: o.kaggleSource, out: o.out, dataDir: o.dataDir, say });
+    process.stdout.write(`${formatEvaluation(report)}\n`);
   });
 
 program

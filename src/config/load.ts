@@ -30,13 +30,20 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
 }
 
 /** Later layers win; objects merge key by key, arrays and scalars are replaced whole. */
-function deepMerge<T>(base: T, layer: unknown): T {
+export function deepMerge<T>(base: T, layer: unknown): T {
   if (!isPlainObject(base) || !isPlainObject(layer)) return (layer === undefined ? base : layer) as T;
   const out: Record<string, unknown> = { ...base };
   for (const [k, v] of Object.entries(layer)) out[k] = k in out ? deepMerge(out[k], v) : v;
   return out as T;
 }
 
+/** Checks one layer on its own (every key optional, none unknown); the error names `source` and the keys. */
+export function validateLayer(source: string, layer: unknown): void {
+  const res = ConfigLayerSchema.safeParse(layer);
+  if (!res.success) throw new ConfigError(source, issuesOf(res.error));
+}
+
+/** A YAML layer from a file: {} when it does not exist (a mode or stage may have none). */
 function readLayer(file: string): unknown {
   let text: string;
   try {
@@ -51,8 +58,7 @@ function readLayer(file: string): unknown {
   } catch (err) {
     throw new ConfigError(file, [{ path: '', message: `not valid YAML: ${(err as Error).message}` }], { cause: err });
   }
-  const res = ConfigLayerSchema.safeParse(parsed);
-  if (!res.success) throw new ConfigError(file, issuesOf(res.error));
+  validateLayer(file, parsed);
   return parsed;
 }
 
@@ -72,8 +78,7 @@ export function loadConfig({ trainingMode, stage, overrides, configDir = env().c
   let merged: unknown = {};
   for (const f of files) merged = deepMerge(merged, readLayer(f));
   if (overrides !== undefined) {
-    const res = ConfigLayerSchema.safeParse(overrides);
-    if (!res.success) throw new ConfigError('overrides', issuesOf(res.error));
+    validateLayer('overrides', overrides);
     merged = deepMerge(merged, overrides);
   }
   const res = ConfigSchema.safeParse(merged);

@@ -62,6 +62,14 @@ const Shape = obj({
       dice_smooth: z.number().positive(),
     }),
   }),
+  evaluation: obj({
+    /** A pixel (or an image) is predicted tumour when its probability is above this. */
+    threshold: fraction,
+    /** Slices per forward pass when evaluating. */
+    batch_size: z.number().int().min(1),
+    /** Grad-CAM images generate_gradcam writes: a quarter each of correct/wrong x tumour/no tumour. */
+    gradcam_samples: z.number().int().min(4),
+  }),
   workers: obj({ preprocess_attempts: z.number().int().min(1), download_attempts: z.number().int().min(1) }),
 });
 

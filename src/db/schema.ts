@@ -49,6 +49,11 @@ export const steps = pgTable(
     counts: jsonb('counts').$type<Record<string, number>>().notNull().default({}),
     error: text('error'),
     errorDetails: jsonb('error_details'),
+    /**
+     * What the step's job returned, recorded on success: a step run alone later (a retry on a finished run) reads
+     * an earlier step's result here, where its flow children are gone.
+     */
+    result: jsonb('result'),
   },
   (t) => [primaryKey({ columns: [t.runId, t.name] })],
 );

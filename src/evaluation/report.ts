@@ -51,8 +51,8 @@ export interface SegmentationReport {
 
 export interface MultitaskEvaluation {
   run_id: string;
-  /** The checkpoint evaluated, e.g. the stage 3 best. */
-  checkpoint: { stage: string; dir: string };
+  /** The checkpoint evaluated, e.g. the stage 3 best, with the sha256 of its weights. */
+  checkpoint: { stage: string; dir: string; sha256: string };
   created_at: string;
   /** 'test split' or a description of an external set. */
   dataset: string;

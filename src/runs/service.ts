@@ -4,18 +4,19 @@ import { resolve } from 'node:path';
 import { and, asc, count, desc, eq, inArray } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
 import { loadConfig } from '../config/load.ts';
+import type { Config } from '../config/schema.ts';
 import { artifacts, kaggleImages, metrics, patients, runs, steps, type RunRow } from '../db/schema.ts';
 import { formatSource, parseSource } from '../download/sources.ts';
 import { parseLayout } from '../imaging/layout.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { runPaths } from '../disk/layout.ts';
-import { buildRunFlow } from '../producers/run-flow.ts';
+import { buildRetryFlow, buildRunFlow } from '../producers/run-flow.ts';
 import { CANCEL_CHANNEL } from '../queues/names.ts';
 import { STEPS } from '../workers/registry.ts';
-import { CreateRunSchema, type CreateRunInput, type RunSources } from './input.ts';
-import { byStepOrder, stepsForMode } from './modes.ts';
+import { CreateRunSchema, type CreateRunInput, type PipelineMode, type RunSources } from './input.ts';
+import { byStepOrder, EVAL_STEPS, stepsForMode, type StepName } from './modes.ts';
 import { buildResults } from './results.ts';
-import { closeOpenSteps, finishRun, getRunRow, isTerminal } from './store.ts';
+import { closeOpenSteps, finishRun, getRunRow, isTerminal, reopenRun } from './store.ts';
 
 export class RunNotFoundError extends SliceWiseError {
   constructor(runId: string) {
@@ -173,5 +174,36 @@ export async function cancelRun(ctx: AppContext, runId: string): Promise<RunRow>
   await closeOpenSteps(ctx.db, runId, 'cancelled');
   await ctx.redis.publish(`${ctx.prefix}:${CANCEL_CHANNEL}`, runId);
   ctx.logger.info({ runId }, `Run ${runId} cancelled; workers told to stop its jobs`);
+  return (await getRunRow(ctx.db, runId))!;
+}
+
+/**
+ * Runs one evaluation step of a finished run again, alone, from the checkpoints its training recorded (e.g. after
+ * fixing what made generate_gradcam fail, or to judge the same model again). The run is reopened, the step and a
+ * finalize of its own are queued, and finalize gives the run its verdict again.
+ */
+export async function retryStep(ctx: AppContext, runId: string, step: string): Promise<RunRow> {
+  if (!(EVAL_STEPS as readonly string[]).includes(step)) {
+    throw new SliceWiseError(`step '${step}' cannot run alone; these can: ${EVAL_STEPS.join(', ')}`, { status: 400, code: 'not_retryable', details: { step } });
+  }
+  const run = await getRunRow(ctx.db, runId);
+  if (!run) throw new RunNotFoundError(runId);
+  if (!stepsForMode(run.mode as PipelineMode).includes(step as StepName)) {
+    throw new SliceWiseError(`run ${runId} is a ${run.mode} run: it has no step ${step}`, { status: 409, code: 'no_such_step' });
+  }
+  if (run.status !== 'succeeded' && run.status !== 'failed') {
+    throw new SliceWiseError(`run ${runId} is ${run.status}: a step can run again only once the run has finished`, { status: 409, code: 'run_not_finished' });
+  }
+  if (!(await reopenRun(ctx.db, runId, step))) {
+    throw new SliceWiseError(`run ${runId} changed while the retry was being set up; look at it again`, { status: 409, code: 'run_changed' });
+  }
+  const stamp = new Date().toISOString().replace(/\D/g, '').slice(0, 17);
+  try {
+    await ctx.flows.add(buildRetryFlow({ runId, step: step as StepName, config: run.config as Config, stamp }));
+  } catch (err) {
+    await finishRun(ctx.db, runId, 'failed', { message: `could not enqueue the retry of ${step}: ${(err as Error).message}` });
+    throw new SliceWiseError(`could not enqueue the retry of ${step} for run ${runId}: ${(err as Error).message}`, { status: 503, code: 'redis_unreachable', cause: err });
+  }
+  ctx.logger.info({ runId, step }, `Run ${runId}: ${step} queued to run again`);
   return (await getRunRow(ctx.db, runId))!;
 }

@@ -56,7 +56,7 @@ export async function stepProgress(db: Db, runId: string, step: string, counts: 
     .where(and(eq(steps.runId, runId), eq(steps.name, step)));
 }
 
-export async function stepSucceeded(db: Db, runId: string, step: string, counts: Record<string, number> = {}): Promise<void> {
+export async function stepSucceeded(db: Db, runId: string, step: string, counts: Record<string, number> = {}, result?: unknown): Promise<void> {
   await db
     .update(steps)
     .set({
@@ -67,6 +67,7 @@ export async function stepSucceeded(db: Db, runId: string, step: string, counts:
       counts: sql`${steps.counts} || ${JSON.stringify(counts)}::jsonb`,
       error: null,
       errorDetails: null,
+      ...(result === undefined ? {} : { result }),
     })
     .where(and(eq(steps.runId, runId), eq(steps.name, step), inArray(steps.status, ['pending', 'running'])));
 }
@@ -130,4 +131,32 @@ export async function countPatients(db: Db, runId: string): Promise<{ done: numb
     .groupBy(patients.status);
   const by = Object.fromEntries(rows.map((r) => [r.status, Number(r.n)]));
   return { done: by.done ?? 0, failed: by.failed ?? 0, total: rows.reduce((a, r) => a + Number(r.n), 0) };
+}
+
+/** What a step's job returned when it last succeeded in this run (null when it has not). */
+export async function stepResult<T>(db: Db, runId: string, step: string): Promise<T | null> {
+  const [row] = await db
+    .select({ result: steps.result, status: steps.status })
+    .from(steps)
+    .where(and(eq(steps.runId, runId), eq(steps.name, step)));
+  return row?.status === 'success' ? ((row.result as T | null) ?? null) : null;
+}
+
+/**
+ * Opens a finished run again for a step that runs once more alone (a retry): the run goes back to running with
+ * no verdict, and the step and finalize back to pending. Guarded: only a run that succeeded or failed, so two
+ * retries racing cannot both reopen it.
+ */
+export async function reopenRun(db: Db, runId: string, step: string): Promise<boolean> {
+  const res = await db
+    .update(runs)
+    .set({ status: 'running', finishedAt: null, error: null, errorDetails: null })
+    .where(and(eq(runs.id, runId), inArray(runs.status, ['succeeded', 'failed'])))
+    .returning({ id: runs.id });
+  if (res.length === 0) return false;
+  await db
+    .update(steps)
+    .set({ status: 'pending', error: null, errorDetails: null, finishedAt: null, durationMs: null, startedAt: null, result: null })
+    .where(and(eq(steps.runId, runId), inArray(steps.name, [step, 'finalize'])));
+  return true;
 }

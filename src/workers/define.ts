@@ -72,11 +72,14 @@ interface StepCommon<D, R> {
 
 /**
  * Runs in a worker thread of the runner's pool: CPU-heavy work that would starve lock renewal and the event loop
- * on the main thread. The body has no database: everything it needs comes in its context.
+ * on the main thread. The body has no database: what it needs from there, `prepare` reads in the main thread
+ * first (the body gets it as `prepared`), and what it produced that belongs there, `record` stores after it.
  */
-export interface SandboxedStep<D = unknown, R = unknown> extends StepCommon<D, R> {
+export interface SandboxedStep<D = unknown, R = unknown, P = undefined> extends StepCommon<D, R> {
   sandboxed: true;
-  run(s: StepContext<D>): Promise<StepOutcome<R>>;
+  prepare?(s: InProcessContext<D>): Promise<P>;
+  run(s: StepContext<D> & { prepared: P }): Promise<StepOutcome<R>>;
+  record?(s: InProcessContext<D>, result: R): Promise<void>;
 }
 
 export interface InProcessStep<D = unknown, R = unknown> extends StepCommon<D, R> {
@@ -85,11 +88,11 @@ export interface InProcessStep<D = unknown, R = unknown> extends StepCommon<D, R
 }
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export type StepDefinition = SandboxedStep<any, any> | InProcessStep<any, any>;
+export type StepDefinition = SandboxedStep<any, any, any> | InProcessStep<any, any>;
 
-export function defineStep<D extends RunJobData, R>(def: SandboxedStep<D, R>): SandboxedStep<D, R>;
+export function defineStep<D extends RunJobData, R, P = undefined>(def: SandboxedStep<D, R, P>): SandboxedStep<D, R, P>;
 export function defineStep<D extends RunJobData, R>(def: InProcessStep<D, R>): InProcessStep<D, R>;
-export function defineStep<D extends RunJobData, R>(def: SandboxedStep<D, R> | InProcessStep<D, R>): SandboxedStep<D, R> | InProcessStep<D, R> {
+export function defineStep<D extends RunJobData, R, P>(def: SandboxedStep<D, R, P> | InProcessStep<D, R>): SandboxedStep<D, R, P> | InProcessStep<D, R> {
   return def;
 }
 

@@ -3,7 +3,9 @@
  * run was cancelled), and writes pipeline_results.json beside the run.
  */
 import { Job } from 'bullmq';
+import { eq } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
+import { steps } from '../db/schema.ts';
 import { runPaths, writePipelineResults } from '../disk/layout.ts';
 import { buildResults } from '../runs/results.ts';
 import { closeOpenSteps, finishRun, getRunRow, stepSucceeded } from '../runs/store.ts';
@@ -36,10 +38,17 @@ export const finalize = defineStep({
     const current = (await getRunRow(ctx.db, run.id))!;
     // This step's own row is settled before the run's: whoever sees the verdict sees every step closed.
     await stepSucceeded(ctx.db, run.id, 'finalize');
+    const unfinished = (await ctx.db.select({ name: steps.name, status: steps.status }).from(steps).where(eq(steps.runId, run.id))).filter(
+      (r) => r.name !== 'finalize' && r.status !== 'success',
+    );
     if (Object.keys(failures).length > 0 && current.status !== 'cancelled') {
       const causes = await Promise.all(Object.values(failures).map((reason) => rootCause(ctx, reason)));
       // A step already failed the run with its own message; this only covers a worker that died before saying so.
       await finishRun(ctx.db, run.id, 'failed', { message: causes.join('; '), details: { failures: causes } });
+    } else if (unfinished.length > 0 && current.status !== 'cancelled') {
+      // Every branch settled without a failure BullMQ knows of, yet a step did not succeed: say which.
+      const list = unfinished.map((r) => `${r.name} ${r.status}`).join(', ');
+      await finishRun(ctx.db, run.id, 'failed', { message: `not every step succeeded: ${list}`, details: { steps: unfinished } });
     } else if (current.status !== 'failed' && current.status !== 'cancelled') {
       await finishRun(ctx.db, run.id, 'succeeded');
     }

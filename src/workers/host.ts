@@ -17,7 +17,7 @@ import { StepThreadPool } from './step-threads.ts';
 export interface WorkerHostOptions {
   /** Which queues this process consumes. Default: all but train (train needs a GPU worker of its own). */
   queues?: QueueName[];
-  /** Jobs at once per queue. Default: one per CPU core for preprocess, 1 for train, 2 for the rest. */
+  /** Jobs at once per queue. Default: one per CPU core for preprocess, 1 for train and evaluate, 2 for the rest. */
   concurrency?: number;
 }
 
@@ -45,6 +45,9 @@ function queueSettings(q: QueueName, concurrency: number | undefined): QueueSett
       const lock = env().trainLockMs;
       return { concurrency: 1, lockDuration: lock, stalledInterval: lock / 2 };
     }
+    case 'evaluate':
+      // A model job uses every core by itself; two at once would only share them.
+      return { concurrency: 1, lockDuration: 120_000 };
     default:
       return { concurrency: concurrency ?? 2, lockDuration: 60_000 };
   }

@@ -3,10 +3,13 @@
  * (host.ts) read this: adding a step is one new file, its line here, and its place in the flow's shape.
  */
 import type { JobName } from '../runs/modes.ts';
+import { comparePhases } from './compare-phases.ts';
 import type { StepDefinition } from './define.ts';
 import { downloadBrats } from './download-brats.ts';
 import { downloadKaggle } from './download-kaggle.ts';
+import { evaluateMultitaskStep } from './evaluate-multitask.ts';
 import { finalize } from './finalize.ts';
+import { generateGradcam } from './generate-gradcam.ts';
 import { preprocessBrats } from './preprocess-brats.ts';
 import { preprocessKaggle } from './preprocess-kaggle.ts';
 import { preprocessPatientStep } from './preprocess-patient.ts';
@@ -27,5 +30,8 @@ export const STEPS: Record<JobName, StepDefinition> = {
   train_stage1_seg_warmup: trainStage1SegWarmup,
   train_stage2_cls_head: trainStage2ClsHead,
   train_stage3_joint: trainStage3Joint,
+  evaluate_multitask: evaluateMultitaskStep,
+  generate_gradcam: generateGradcam,
+  compare_phases: comparePhases,
   finalize,
 };

@@ -12,7 +12,7 @@ import type { AppContext } from '../context.ts';
 import type { RunRow } from '../db/schema.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { countPatients, finishRun, getRunRow, markRunRunning, stepFailed, stepProgress, stepStarted, stepSucceeded, upsertPatient } from '../runs/store.ts';
-import { RunJobData, type StepContext, type StepDefinition, type StepOutcome } from './define.ts';
+import { RunJobData, type InProcessContext, type StepDefinition, type StepOutcome } from './define.ts';
 import { RunStoppedError, StepAbortedError } from './errors.ts';
 import type { StepThreadPool } from './step-threads.ts';
 
@@ -70,28 +70,33 @@ export async function executeStep(def: StepDefinition, { ctx, job, token, signal
 
   try {
     let outcome: StepOutcome<unknown>;
+    const s: InProcessContext<unknown> = {
+      data: parsed.data,
+      run,
+      config: run.config as Config,
+      signal: aborted,
+      progress,
+      childResults: async () => Object.values(await job.getChildrenValues()),
+      log,
+      ctx,
+      job,
+      token,
+    };
     if (def.sandboxed) {
       if (!threads) throw new Error(`${def.name} runs sandboxed, and this worker has no step threads`);
-      const childResults = Object.values(await job.getChildrenValues());
-      outcome = await threads.run({ jobName: def.name, data: parsed.data, run, childResults }, { signal: aborted, onProgress: (c) => void progress(c), onLog: log });
+      const prepared = await def.prepare?.(s);
+      const childResults = await s.childResults();
+      outcome = await threads.run({ jobName: def.name, data: parsed.data, run, childResults, prepared }, { signal: aborted, onProgress: (c) => void progress(c), onLog: log });
+      await def.record?.(s, outcome.result);
     } else {
-      const s: StepContext<unknown> = {
-        data: parsed.data,
-        run,
-        config: run.config as Config,
-        signal: aborted,
-        progress,
-        childResults: async () => Object.values(await job.getChildrenValues()),
-        log,
-      };
-      outcome = await def.run({ ...s, ctx, job, token });
+      outcome = await def.run(s);
     }
     if (shard) {
       await upsertPatient(db, { runId, patientId: patientId!, status: 'done', ...shard.row(outcome.result), error: null });
       const c = await countPatients(db, runId);
       await stepProgress(db, runId, rowStep, { done: c.done });
     } else {
-      await stepSucceeded(db, runId, rowStep, outcome.counts);
+      await stepSucceeded(db, runId, rowStep, outcome.counts, outcome.result);
     }
     return outcome.result;
   } catch (err) {

@@ -24,7 +24,8 @@ port.on('message', (m: ToThread) => {
     try {
       const def = SANDBOXED_STEPS.find((d) => d.name === m.jobName);
       if (!def) throw new Error(`no sandboxed step named '${m.jobName}' in this version`);
-      const s: StepContext<unknown> = {
+      const s: StepContext<unknown> & { prepared: unknown } = {
+        prepared: m.prepared,
         data: def.data.parse(m.data),
         run: m.run,
         config: m.run.config as Config,

@@ -18,6 +18,8 @@ export interface ThreadTask {
   data: unknown;
   run: RunRow;
   childResults: unknown[];
+  /** What the step's prepare hook read in the main thread. */
+  prepared: unknown;
 }
 
 export type ToThread = ({ type: 'run'; id: number } & ThreadTask) | { type: 'abort'; id: number };
