@@ -1,17 +1,22 @@
 import { mkdir, mkdtemp, readFile, rm, writeFile, copyFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
+import { execFile, spawnSync } from 'node:child_process';
+import { promisify } from 'node:util';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { patientRng, preprocessPatient, type PatientMeta } from '../src/imaging/brats.js';
+import { patientFiles, readPatientMeta, type PatientMeta } from '../src/disk/layout.ts';
+import { patientRng, preprocessPatient, SliceInputError, volumeToSlices } from '../src/imaging/brats.js';
 import { discoverPatients, parseLayout, type BratsLayout, type PatientFiles } from '../src/imaging/layout.js';
-import { readNifti } from '../src/imaging/nifti.js';
+import { readNifti, readNiftiRaw, type RawNiftiVolume } from '../src/imaging/nifti.js';
 import { readNpy } from '../src/imaging/npy.js';
 import { PatientDataError, SliceWiseError } from '../src/lib/errors.js';
+import { expectSliceWiseError, rejection, thrownBy } from './helpers/errors.js';
 import { encodeNifti, writeNifti, type NiftiDatatype } from './helpers/nifti-writer.js';
 
+const execFileAsync = promisify(execFile);
 const here = path.dirname(fileURLToPath(import.meta.url));
 const FIXTURES = process.env.SLICEWISE_FIXTURES ?? path.resolve(here, '../../shared/fixtures');
 const BRATS = path.join(FIXTURES, 'brats2015-deepmedic');
@@ -28,15 +33,6 @@ afterAll(async () => {
 async function touch(file: string, content: string | Buffer = ''): Promise<void> {
   await mkdir(path.dirname(file), { recursive: true });
   await writeFile(file, content);
-}
-
-async function rejection(p: Promise<unknown>): Promise<unknown> {
-  return p.then(
-    () => {
-      throw new Error('expected a rejection');
-    },
-    (e: unknown) => e,
-  );
 }
 
 /** Expect a PatientDataError naming the patient and the file. */
@@ -69,16 +65,7 @@ describe('parseLayout', () => {
     ['fl air=a.nii,seg=x.nii', /bad layout entry "fl air=a.nii"/],
     ['', /empty layout/],
   ])('rejects %j', (spec, message) => {
-    let err: unknown;
-    try {
-      parseLayout(spec);
-    } catch (e) {
-      err = e;
-    }
-    expect(err).toBeInstanceOf(SliceWiseError);
-    expect((err as SliceWiseError).status).toBe(400);
-    expect((err as SliceWiseError).code).toBe('bad_layout');
-    expect((err as Error).message).toMatch(message);
+    expectSliceWiseError(thrownBy(() => parseLayout(spec)), { status: 400, code: 'bad_layout', message });
   });
 });
 
@@ -153,11 +140,7 @@ describe('discoverPatients', () => {
     const root = path.join(tmp, 'empty-dataset');
     await touch(path.join(root, 'readme.txt'), 'x');
     for (const layout of [undefined, LAYOUT]) {
-      const err = (await rejection(discoverPatients(root, layout))) as SliceWiseError;
-      expect(err).toBeInstanceOf(SliceWiseError);
-      expect(err.status).toBe(422);
-      expect(err.code).toBe('no_patients');
-      expect(err.message).toContain(root);
+      const err = expectSliceWiseError(await rejection(discoverPatients(root, layout)), { status: 422, code: 'no_patients', message: root });
       expect(err.message).toContain(layout ? 'flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz' : 'BraTS20_Training_001_flair.nii.gz');
     }
     const missing = (await rejection(discoverPatients(path.join(tmp, 'no-such-dir')))) as SliceWiseError;
@@ -235,6 +218,7 @@ describe('preprocessPatient on the real fixtures', () => {
     expect(meta.normalize_method).toBe('zscore');
     expect(meta.image_size).toBe(256);
     expect(meta.source_files).toEqual({ flair: patient.files.flair, seg: patient.files.seg });
+    expect(meta.orientation).toEqual({ array_axes: ['k', 'i', 'j'], axis_codes: 'LPS' });
     expect(meta.num_slices).toBe(meta.slices.length);
 
     // Slices with >= 100 tumour pixels: all kept, and there are as many as nibabel counts.
@@ -285,6 +269,8 @@ describe('preprocessPatient on the real fixtures', () => {
     expect(problems).toEqual([]);
     const onDisk = JSON.parse(await readFile(path.join(dir, 'meta.json'), 'utf8')) as PatientMeta;
     expect(onDisk).toEqual(meta);
+    // The layout's validating reader accepts it (orientation included).
+    expect(await readPatientMeta(patientFiles(out, id))).toEqual(meta);
 
     // A re-run gives byte-identical files.
     const before = await Promise.all(['images.npy', 'masks.npy', 'meta.json'].map((f) => readFile(path.join(dir, f))));
@@ -313,6 +299,16 @@ describe('preprocessPatient on the real fixtures', () => {
   });
 });
 
+/** Mean and population standard deviation, as the z-score uses them. */
+function zStats(values: ArrayLike<number>): { mean: number; std: number } {
+  let sum = 0;
+  for (let i = 0; i < values.length; i++) sum += values[i];
+  const mean = sum / values.length;
+  let sq = 0;
+  for (let i = 0; i < values.length; i++) sq += (values[i] - mean) ** 2;
+  return { mean, std: Math.sqrt(sq / values.length) };
+}
+
 describe('preprocessPatient on synthetic volumes', () => {
   /** Write a BraTS-2020-named patient with the given FLAIR and seg arrays. */
   async function synthPatient(root: string, id: string, dims: number[], flair: ArrayLike<number>, seg: ArrayLike<number>): Promise<PatientFiles> {
@@ -324,12 +320,12 @@ describe('preprocessPatient on synthetic volumes', () => {
     return p;
   }
 
-  it('z-scores over the whole volume and keeps orientation (row = y, column = x) when no resize is needed', async () => {
+  it('z-scores over the whole volume and puts voxel (i, j, k) at row i, column j of slice k when no resize is needed', async () => {
     const [nx, ny, nz] = [8, 8, 3];
     const flair = new Int16Array(nx * ny * nz);
     const seg = new Uint8Array(nx * ny * nz);
-    // Background zeros, a block of tissue, one bright voxel at (x=1, y=5, z=1), tumour label at (x=6, y=2, z=2).
-    for (let z = 0; z < nz; z++) for (let y = 1; y < 7; y++) for (let x = 1; x < 7; x++) flair[x + nx * (y + ny * z)] = 100 + x + 2 * y + 3 * z;
+    // Background zeros, a block of tissue, one bright voxel at (i=1, j=5, k=1), tumour label at (i=6, j=2, k=2).
+    for (let k = 0; k < nz; k++) for (let j = 1; j < 7; j++) for (let i = 1; i < 7; i++) flair[i + nx * (j + ny * k)] = 100 + i + 2 * j + 3 * k;
     flair[1 + nx * (5 + ny * 1)] = 1000;
     seg[6 + nx * (2 + ny * 2)] = 4;
     const p = await synthPatient(path.join(tmp, 'synth-identity'), 'BraTS20_Training_010', [nx, ny, nz], flair, seg);
@@ -340,58 +336,96 @@ describe('preprocessPatient on synthetic volumes', () => {
     expect(meta.slices.map((s) => s.has_tumor)).toEqual([false, false, true]);
     const images = await readNpy(path.join(out, p.patientId, 'images.npy'));
     const masks = await readNpy(path.join(out, p.patientId, 'masks.npy'));
-    // Same size: the output is exactly the z-scored volume.
-    let sum = 0;
-    let sq = 0;
-    for (const v of flair) sum += v;
-    const mean = sum / flair.length;
-    for (const v of flair) sq += (v - mean) ** 2;
-    const std = Math.sqrt(sq / flair.length);
-    for (let i = 0; i < flair.length; i++) expect(images.data[i]).toBeCloseTo((flair[i] - mean) / std, 5);
-    let m = 0;
-    let s2 = 0;
-    for (const v of images.data) m += v;
-    m /= images.data.length;
-    for (const v of images.data) s2 += (v - m) ** 2;
-    expect(m).toBeCloseTo(0, 5);
-    expect(Math.sqrt(s2 / images.data.length)).toBeCloseTo(1, 5);
-    // Orientation: slice 1, row 5, column 1 is the bright voxel; slice 2, row 2, column 6 the tumour.
+    // Same size: the output is exactly the z-scored volume, in nibabel's order.
+    const { mean, std } = zStats(flair);
+    for (let k = 0; k < nz; k++) {
+      for (let i = 0; i < nx; i++) for (let j = 0; j < ny; j++) expect(images.data[k * 64 + i * 8 + j]).toBeCloseTo((flair[i + nx * (j + ny * k)] - mean) / std, 5);
+    }
+    const out01 = zStats(images.data);
+    expect(out01.mean).toBeCloseTo(0, 5);
+    expect(out01.std).toBeCloseTo(1, 5);
+    // Slice 1, row 1, column 5 is the bright voxel; slice 2, row 6, column 2 the tumour.
     const slice1 = images.data.subarray(64, 128);
-    expect(slice1.indexOf(Math.max(...slice1))).toBe(5 * 8 + 1);
-    expect(Array.from(masks.data.subarray(128, 192)).indexOf(1)).toBe(2 * 8 + 6);
+    expect(slice1.indexOf(Math.max(...slice1))).toBe(1 * 8 + 5);
+    expect(Array.from(masks.data.subarray(128, 192)).indexOf(1)).toBe(6 * 8 + 2);
     expect(Array.from(masks.data).reduce((a, b) => a + b, 0)).toBe(1);
+  });
+
+  /** (row, column) of the pixels of slice s of an N x S x S array for which `lit` holds, sorted. */
+  function litPixels(data: ArrayLike<number>, size: number, s: number, lit: (v: number) => boolean): [number, number][] {
+    const out: [number, number][] = [];
+    for (let r = 0; r < size; r++) for (let c = 0; c < size; c++) if (lit(data[s * size * size + r * size + c])) out.push([r, c]);
+    return out;
+  }
+
+  /** A patient whose slice k holds `marker` (voxels (i, j)): FLAIR `value` on `background`, seg label 1. */
+  async function markerPatient(id: string, dims: number[], k: number, marker: [number, number][], background: number, value: number): Promise<PatientFiles> {
+    const [nx, ny, nz] = dims;
+    const flair = new Int16Array(nx * ny * nz).fill(background);
+    const seg = new Uint8Array(nx * ny * nz);
+    for (const [i, j] of marker) {
+      flair[i + nx * (j + ny * k)] = value;
+      seg[i + nx * (j + ny * k)] = 1;
+    }
+    return synthPatient(path.join(tmp, `synth-${id}`), id, dims, flair, seg);
+  }
+
+  it('an L-shaped marker near small i, large j lands at rows i, columns j (images[s][i][j]), not mirrored', async () => {
+    // An L on slice k = 2: a bar along j at i = 1 (j = 7..9) and a foot along i at j = 9 (i = 2..3).
+    const marker: [number, number][] = [[1, 7], [1, 8], [1, 9], [2, 9], [3, 9]];
+    const p = await markerPatient('BraTS20_Training_014', [12, 12, 4], 2, marker, 0, 500);
+    const out = path.join(tmp, 'out-marker');
+    const meta = await preprocessPatient(p, out, { imageSize: 12, keepProbability: 1 });
+    expect(meta.slices.map((s) => s.slice_idx)).toEqual([0, 1, 2, 3]);
+    const images = await readNpy(path.join(out, p.patientId, 'images.npy'));
+    const masks = await readNpy(path.join(out, p.patientId, 'masks.npy'));
+    expect(litPixels(images.data, 12, 2, (v) => v > 0)).toEqual(marker);
+    expect(litPixels(masks.data, 12, 2, (v) => v === 1)).toEqual(marker);
+    for (const s of [0, 1, 3]) expect(litPixels(masks.data, 12, s, (v) => v !== 0)).toEqual([]);
+  });
+
+  it('keeps the orientation through a resize of a non-square volume', async () => {
+    // i: 10 -> 20 (each source row twice), j: 5 -> 20 (each source column four times), nearest for the mask.
+    const marker: [number, number][] = [[1, 3], [1, 4], [2, 4]];
+    const p = await markerPatient('BraTS20_Training_015', [10, 5, 2], 1, marker, 10, 900);
+    const out = path.join(tmp, 'out-marker-resize');
+    await preprocessPatient(p, out, { imageSize: 20, keepProbability: 1 });
+    const masks = await readNpy(path.join(out, p.patientId, 'masks.npy'));
+    const expected = marker.flatMap(([i, j]) => [0, 1].flatMap((di) => [0, 1, 2, 3].map((dj): [number, number] => [2 * i + di, 4 * j + dj])));
+    expect(litPixels(masks.data, 20, 1, (v) => v === 1)).toEqual(expected.sort((a, b) => a[0] - b[0] || a[1] - b[1]));
+    const images = await readNpy(path.join(out, p.patientId, 'images.npy'));
+    const slice = images.data.subarray(400, 800);
+    const brightest = slice.indexOf(Math.max(...slice));
+    const [r, c] = [Math.floor(brightest / 20), brightest % 20];
+    expect(marker).toContainEqual([Math.floor(r / 2), Math.floor(c / 4)]);
   });
 
   it('resizes bilinearly when upscaling and averages when downscaling', async () => {
     const [nx, ny, nz] = [16, 16, 2];
     const flair = new Int16Array(nx * ny * nz);
-    for (let z = 0; z < nz; z++) for (let y = 0; y < ny; y++) for (let x = 0; x < nx; x++) flair[x + nx * (y + ny * z)] = 10 * x + (z + 1);
+    for (let k = 0; k < nz; k++) for (let j = 0; j < ny; j++) for (let i = 0; i < nx; i++) flair[i + nx * (j + ny * k)] = 10 * i + (k + 1);
     const seg = new Uint8Array(nx * ny * nz);
     const p = await synthPatient(path.join(tmp, 'synth-ramp'), 'BraTS20_Training_011', [nx, ny, nz], flair, seg);
-    let sum = 0;
-    for (const v of flair) sum += v;
-    const mean = sum / flair.length;
-    let sq = 0;
-    for (const v of flair) sq += (v - mean) ** 2;
-    const std = Math.sqrt(sq / flair.length);
+    const { mean, std } = zStats(flair);
     const raw = (v: number): number => v * std + mean;
 
-    // Upscale 16 -> 32: interior columns follow the ramp at source coordinate (c + 0.5) / 2 - 0.5.
+    // Upscale 16 -> 32: the ramp runs along i, i.e. down the rows; interior rows follow it at source coordinate
+    // (r + 0.5) / 2 - 0.5.
     const up = path.join(tmp, 'out-up');
     await preprocessPatient(p, up, { imageSize: 32, keepProbability: 1 });
     const big = await readNpy(path.join(up, p.patientId, 'images.npy'));
-    for (let c = 1; c < 31; c++) {
-      const x = (c + 0.5) / 2 - 0.5;
-      expect(raw(big.data[10 * 32 + c])).toBeCloseTo(10 * x + 1, 3);
+    for (let r = 1; r < 31; r++) {
+      const i = (r + 0.5) / 2 - 0.5;
+      expect(raw(big.data[r * 32 + 10])).toBeCloseTo(10 * i + 1, 3);
     }
-    // Mirror at the border: column 0 reads x = -0.25, i.e. 0.75 * x0 + 0.25 * x1.
-    expect(raw(big.data[10 * 32])).toBeCloseTo(0.25 * 10 + 1, 3);
+    // Mirror at the border: row 0 reads i = -0.25, i.e. 0.75 * i0 + 0.25 * i1.
+    expect(raw(big.data[10])).toBeCloseTo(0.25 * 10 + 1, 3);
 
     // Downscale 16 -> 4: each output averages its 4-pixel block with a triangle (linear data keeps its centre value).
     const down = path.join(tmp, 'out-down');
     await preprocessPatient(p, down, { imageSize: 4, keepProbability: 1 });
     const small = await readNpy(path.join(down, p.patientId, 'images.npy'));
-    for (const c of [1, 2]) expect(raw(small.data[4 * 1 + c])).toBeCloseTo(10 * (4 * c + 1.5) + 1, 3);
+    for (const r of [1, 2]) expect(raw(small.data[r * 4 + 1])).toBeCloseTo(10 * (4 * r + 1.5) + 1, 3);
     expect(small.data.every(Number.isFinite)).toBe(true);
   });
 
@@ -407,12 +441,7 @@ describe('preprocessPatient on synthetic volumes', () => {
     flair[3 + nx * (17 + ny)] = 50;
     const seg = new Uint8Array(nx * ny * nz);
     const p = await synthPatient(path.join(tmp, 'synth-direct'), 'BraTS20_Training_013', [nx, ny, nz], flair, seg);
-    let sum = 0;
-    for (const v of flair) sum += v;
-    const mean = sum / flair.length;
-    let sq = 0;
-    for (const v of flair) sq += (v - mean) ** 2;
-    const std = Math.sqrt(sq / flair.length);
+    const { mean, std } = zStats(flair);
 
     /** Triangle-filter weights of one axis as a dense matrix [out][in], mirror borders. */
     const weights = (inSize: number, outSize: number): number[][] => {
@@ -446,7 +475,8 @@ describe('preprocessPatient on synthetic volumes', () => {
               if (wy[oy][y] === 0) continue;
               for (let x = 0; x < nx; x++) v += wy[oy][y] * wx[ox][x] * ((flair[x + nx * (y + ny * z)] - mean) / std);
             }
-            worst = Math.max(worst, Math.abs(images.data[z * size * size + oy * size + ox] - v));
+            // Row ox (the volume's i axis), column oy (its j axis).
+            worst = Math.max(worst, Math.abs(images.data[z * size * size + ox * size + oy] - v));
           }
         }
       }
@@ -509,6 +539,109 @@ describe('preprocessPatient on synthetic volumes', () => {
     const expected = Array.from({ length: nz }, (_, z) => ({ z, r: rng() })).filter(({ z, r }) => [4].includes(z) || r < 0.5).map(({ z }) => z);
     expect(seeded.slices.map((s) => s.slice_idx)).toEqual(expected);
   });
+});
+
+/** The bytes of a typed array, for byte-for-byte comparisons. */
+const bytesOf = (a: Float32Array | Uint8Array): Buffer => Buffer.from(a.buffer, a.byteOffset, a.byteLength);
+
+describe('volumeToSlices: the pure path training and inference share', () => {
+  let flair: RawNiftiVolume;
+  let seg: RawNiftiVolume;
+  beforeAll(async () => {
+    flair = await readNiftiRaw(path.join(BRATS, 'pat0001', 'Flair_subtrMeanDivStd.nii.gz'));
+    seg = await readNiftiRaw(path.join(BRATS, 'pat0001', 'OTMultiClass.nii.gz'));
+  });
+
+  it('gives what preprocessPatient writes, byte for byte', async () => {
+    const [patient] = await discoverPatients(path.join(BRATS, 'pat0001'), LAYOUT);
+    const out = path.join(tmp, 'out-pure');
+    const meta = await preprocessPatient(patient, out, { imageSize: 64 });
+    const r = volumeToSlices(flair, seg, { imageSize: 64, sampleKey: 'pat0001' });
+    expect(r.slices).toEqual(meta.slices);
+    expect(r.imageShape).toEqual([meta.num_slices, 64, 64]);
+    expect(r.originalShape).toEqual(meta.original_shape);
+    expect(r.orientation).toEqual(meta.orientation);
+    const images = await readNpy(path.join(out, 'pat0001', 'images.npy'));
+    const masks = await readNpy(path.join(out, 'pat0001', 'masks.npy'));
+    expect(bytesOf(r.images).equals(bytesOf(images.data))).toBe(true);
+    expect(bytesOf(r.masks).equals(bytesOf(masks.data))).toBe(true);
+  });
+
+  it('without a segmentation keeps every slice, with the pixels the labelled path gives', () => {
+    const unlabelled = volumeToSlices(flair, null, { imageSize: 64 });
+    expect(unlabelled.masks).toBeNull();
+    expect(unlabelled.slices).toEqual(Array.from({ length: 155 }, (_, k) => ({ slice_idx: k })));
+    expect(unlabelled.imageShape).toEqual([155, 64, 64]);
+    const all = volumeToSlices([flair], seg, { imageSize: 64, keep: 'all' });
+    expect(all.slices.map((s) => s.slice_idx)).toEqual(unlabelled.slices.map((s) => s.slice_idx));
+    expect(all.slices.filter((s) => s.has_tumor)).toHaveLength(74);
+    expect(all.masks).toHaveLength(155 * 64 * 64);
+    expect(bytesOf(all.images).equals(bytesOf(unlabelled.images))).toBe(true);
+  });
+
+  it('refuses bad options and volumes unfit for slicing', () => {
+    const refuse = (fn: () => unknown, status: number, code: string, message: RegExp) => expectSliceWiseError(thrownBy(fn), { status, code, message });
+    refuse(() => volumeToSlices(flair, null, { keep: 'sampled' }), 400, 'bad_options', /needs a segmentation/);
+    refuse(() => volumeToSlices(flair, seg), 400, 'bad_options', /needs a sampleKey/);
+    refuse(() => volumeToSlices([], null), 400, 'bad_options', /no volumes/);
+    const flat: RawNiftiVolume = { ...flair, raw: new Float32Array(flair.raw.length).fill(3) };
+    const e = refuse(() => volumeToSlices([flair, flat], null, { imageSize: 8 }), 422, 'bad_volume', /^volume 1: constant volume/);
+    expect(e).toBeInstanceOf(SliceInputError);
+    expect((e as SliceInputError).input).toBe(1);
+    const short: RawNiftiVolume = { ...flair, dims: [240, 240, 100], raw: flair.raw.subarray(0, 240 * 240 * 100) };
+    refuse(() => volumeToSlices(short, seg, { sampleKey: 'x' }), 422, 'bad_volume', /image shape 240x240x100 does not match/);
+  });
+});
+
+const PYTHON = '/usr/bin/python3';
+/** Why the nibabel comparison cannot run here, or null when it can. */
+function nibabelMissing(): string | null {
+  if (!existsSync(PYTHON)) return `${PYTHON} not found`;
+  const r = spawnSync(PYTHON, ['-c', 'import nibabel, numpy'], { encoding: 'utf8', timeout: 60_000 });
+  if (r.status === 0) return null;
+  return `${PYTHON} cannot import nibabel and numpy (apt-get install python3-nibabel python3-numpy): ${(r.stderr || r.error?.message || '').trim().split('\n').at(-1)}`;
+}
+const noNibabel = nibabelMissing();
+if (noNibabel) console.warn(`imaging-brats: skipping the nibabel comparison: ${noNibabel}`);
+
+/** Compares our arrays with nibabel's reading of the same files; prints one JSON line. */
+const NIBABEL_CHECK = `
+import json, sys
+import numpy as np, nibabel as nib
+flair_file, seg_file, out = sys.argv[1:4]
+flair_img = nib.load(flair_file)
+flair = flair_img.get_fdata(dtype=np.float64)
+seg = nib.load(seg_file).get_fdata()
+meta = json.load(open(out + '/meta.json'))
+images, masks = np.load(out + '/images.npy'), np.load(out + '/masks.npy')
+z = (flair - flair.mean()) / flair.std()
+ks = [s['slice_idx'] for s in meta['slices']]
+print(json.dumps({
+    'shape': list(masks.shape),
+    'mask_mismatches': [k for n, k in enumerate(ks) if not np.array_equal(masks[n], (seg[:, :, k] > 0).astype(np.uint8))],
+    'image_max_abs_diff': max(float(np.abs(images[n] - z[:, :, k]).max()) for n, k in enumerate(ks)),
+    'asymmetric_masks': sum(1 for n in range(len(ks)) if not np.array_equal(masks[n], masks[n].T)),
+    'axcodes': ''.join(nib.aff2axcodes(flair_img.affine)),
+}))
+`;
+
+describe.skipIf(noNibabel !== null)(`agreement with nibabel${noNibabel ? ` (skipped: ${noNibabel})` : ''}`, () => {
+  it('pat0001 at its native 240 x 240: masks.npy[s] == seg[:, :, k] > 0 and images.npy[s] == z-scored flair[:, :, k]', async () => {
+    const [patient] = await discoverPatients(path.join(BRATS, 'pat0001'), LAYOUT);
+    const out = path.join(tmp, 'out-nibabel');
+    const meta = await preprocessPatient(patient, out, { imageSize: 240 });
+    const { stdout } = await execFileAsync(PYTHON, ['-c', NIBABEL_CHECK, patient.files.flair, patient.files.seg, path.join(out, 'pat0001')], {
+      timeout: 120_000,
+      maxBuffer: 1 << 20,
+    });
+    const res = JSON.parse(stdout) as { shape: number[]; mask_mismatches: number[]; image_max_abs_diff: number; asymmetric_masks: number; axcodes: string };
+    expect(res.shape).toEqual([meta.num_slices, 240, 240]);
+    expect(res.mask_mismatches).toEqual([]);
+    expect(res.image_max_abs_diff).toBeLessThan(1e-4);
+    // The check has teeth: these masks differ from their transposes, so the old (transposed) order would fail it.
+    expect(res.asymmetric_masks).toBeGreaterThan(50);
+    expect(meta.orientation.axis_codes).toBe(res.axcodes);
+  }, 120_000);
 });
 
 describe('preprocessPatient errors', () => {

@@ -13,6 +13,7 @@ import {
   ellipseHalfWidths,
   erode,
   fillHoles,
+  kaggleImageToInput,
   largestComponent,
   listKaggleImages,
   otsuThreshold,
@@ -21,6 +22,8 @@ import {
   preprocessKaggleImage,
   type KaggleDatasetResult,
 } from '../src/imaging/kaggle.js';
+import { kaggleFiles, readKaggleMeta } from '../src/disk/layout.ts';
+import { expectSliceWiseError, rejection } from './helpers/errors.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const FIXTURES = process.env.SLICEWISE_FIXTURES ?? path.resolve(here, '../../shared/fixtures');
@@ -292,11 +295,7 @@ describe('listKaggleImages', () => {
     const root = path.join(tmp, 'empty-root');
     await mkdir(path.join(root, 'images'), { recursive: true });
     for (const r of [root, path.join(tmp, 'does-not-exist')]) {
-      const err = await listKaggleImages(r).catch((e: unknown) => e);
-      expect(err).toBeInstanceOf(SliceWiseError);
-      expect((err as SliceWiseError).status).toBe(422);
-      expect((err as SliceWiseError).code).toBe('no_images');
-      expect((err as SliceWiseError).message).toContain(r);
+      expectSliceWiseError(await rejection(listKaggleImages(r)), { status: 422, code: 'no_images', message: r });
     }
   });
 });
@@ -364,6 +363,22 @@ describe('preprocessKaggleImage', () => {
     }
   });
 
+  it('kaggleImageToInput: the bytes of an upload give what the file gives, with the brain mask it used', async () => {
+    const file = path.join(KAGGLE, 'yes', 'Y1.jpg');
+    const fromFile = await preprocessKaggleImage(file, { imageSize: 128 });
+    const fromBytes = await kaggleImageToInput(await readFile(file), { imageSize: 128 });
+    expect(fromBytes).toEqual(fromFile);
+    if (!fromBytes.ok) throw new Error(fromBytes.reason);
+    const { image, brainMask, brainFraction } = fromBytes;
+    expect(brainMask).toHaveLength(128 * 128);
+    expect(brainMask.every((m) => m === 0 || m === 1)).toBe(true);
+    expect(brainMask.reduce((a, b) => a + b, 0) / brainMask.length).toBe(brainFraction);
+    expect(image.every((v, i) => brainMask[i] === 1 || v === 0)).toBe(true);
+    const garbage = await kaggleImageToInput(randomBytes(2048));
+    expect(garbage.ok).toBe(false);
+    if (!garbage.ok) expect(garbage.reason).toMatch(/^cannot decode image: .+/);
+  });
+
   it('honours imageSize', async () => {
     const r = await preprocessKaggleImage(path.join(KAGGLE, 'yes', 'Y1.jpg'), { imageSize: 128 });
     expect(r.ok).toBe(true);
@@ -411,6 +426,7 @@ describe('preprocessKaggleDataset on the 60 real fixtures', () => {
     expect(meta.image_size).toBe(256);
     expect(meta.items).toHaveLength(result.processed);
     expect(meta.rejected).toEqual(result.rejected);
+    expect(await readKaggleMeta(kaggleFiles(out))).toEqual(meta);
     meta.items.forEach((it: { index: number; relPath: string; label: number; brain_fraction: number }, i: number) => {
       expect(it.index).toBe(i);
       expect(it.label).toBe(it.relPath.startsWith('yes/') ? 1 : 0);

@@ -6,10 +6,10 @@ import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { readNifti, readNiftiRaw } from '../src/imaging/nifti.js';
+import { parseNiftiRaw, readNifti, readNiftiRaw } from '../src/imaging/nifti.js';
 import { allocNpy, decodeNpy, encodeNpy, readNpy } from '../src/imaging/npy.js';
 import { DataFileError } from '../src/lib/errors.js';
-import { encodeNifti, writeNifti, type NiftiDatatype } from './helpers/nifti-writer.js';
+import { encodeNifti, writeNifti, type NiftiDatatype, type NiftiSpec } from './helpers/nifti-writer.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const FIXTURES = process.env.SLICEWISE_FIXTURES ?? path.resolve(here, '../../shared/fixtures');
@@ -103,6 +103,73 @@ describe('readNifti on the real BraTS 2015 fixtures', () => {
     await writeFile(misnamed, gz);
     const v = await readNifti(misnamed);
     expect(v.dims).toEqual([240, 240, 155]);
+  });
+});
+
+describe('voxel axis codes (nibabel\'s aff2axcodes) and parseNiftiRaw', () => {
+  const dims = [4, 3, 2];
+  const data = Array.from({ length: 24 }, (_, i) => i);
+  const codesOf = async (name: string, geometry: Pick<NiftiSpec, 'sform' | 'qform'>): Promise<string | null> => {
+    const file = path.join(tmp, `axes-${name}.nii`);
+    await writeNifti(file, { dims, datatype: 'int16', data, ...geometry });
+    return (await readNiftiRaw(file)).axisCodes;
+  };
+  const rotZ = (deg: number): number[][] => {
+    const [c, s] = [Math.cos((deg * Math.PI) / 180), Math.sin((deg * Math.PI) / 180)];
+    return [
+      [c, -s, 0, 0],
+      [s, c, 0, 0],
+      [0, 0, 1, 0],
+    ];
+  };
+
+  it('reads LPS from the BraTS 2015 fixtures, whose segmentation has qform code 2 and sform code 1', async () => {
+    for (const f of ['Flair_subtrMeanDivStd.nii.gz', 'OTMultiClass.nii.gz']) {
+      expect((await readNiftiRaw(path.join(BRATS, 'pat0001', f))).axisCodes).toBe('LPS');
+    }
+  });
+
+  it('takes the sform when its code is set, else the qform, else null', async () => {
+    expect(await codesOf('default', {})).toBe('RAS');
+    expect(await codesOf('none', { sform: { code: 0 } })).toBeNull();
+    // Both set: nibabel uses the sform even when the qform code is higher (nifti-reader-js's affine would not).
+    const flipXY = [
+      [-1, 0, 0, 3],
+      [0, -1, 0, 2],
+      [0, 0, 1, 0],
+    ];
+    expect(await codesOf('both', { sform: { code: 1, srow: flipXY }, qform: { code: 2 } })).toBe('LPS');
+    // qform alone: 180 degrees about z is the quaternion (0, 0, 1); qfac -1 flips k.
+    expect(await codesOf('qform', { sform: { code: 0 }, qform: { code: 1, quatern: [0, 0, 1] } })).toBe('LPS');
+    expect(await codesOf('qfac', { sform: { code: 0 }, qform: { code: 1, quatern: [0, 0, 1], qfac: -1 } })).toBe('LPI');
+  });
+
+  it('names permuted and oblique axes as nibabel does', async () => {
+    const permuted = [
+      [0, 2, 0, 0],
+      [1.5, 0, 0, 0],
+      [0, 0, -1, 0],
+    ];
+    expect(await codesOf('permuted', { sform: { code: 1, srow: permuted } })).toBe('ARI');
+    expect(await codesOf('rot30', { sform: { code: 1, srow: rotZ(30) } })).toBe('RAS');
+    // i points mostly anterior, j mostly left.
+    expect(await codesOf('rot60', { sform: { code: 1, srow: rotZ(60) } })).toBe('ALS');
+    expect(await codesOf('singular', { sform: { code: 1, srow: [[1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]] } })).toBeNull();
+  });
+
+  it('parseNiftiRaw reads bytes in memory like readNiftiRaw reads the file, leaving the bytes unchanged', async () => {
+    const file = path.join(BRATS, 'pat0001', 'OTMultiClass.nii.gz');
+    const fromFile = await readNiftiRaw(file);
+    const fromBytes = await parseNiftiRaw(await readFile(file), 'upload.nii.gz');
+    expect({ ...fromBytes, raw: null }).toEqual({ ...fromFile, raw: null });
+    expect(Buffer.from(fromBytes.raw.buffer, fromBytes.raw.byteOffset, fromBytes.raw.byteLength).equals(
+      Buffer.from(fromFile.raw.buffer, fromFile.raw.byteOffset, fromFile.raw.byteLength),
+    )).toBe(true);
+    const bigEndian = encodeNifti({ dims, datatype: 'int16', data, bigEndian: true });
+    const copy = Buffer.from(bigEndian);
+    expect(Array.from((await parseNiftiRaw(bigEndian)).raw)).toEqual(data);
+    expect(bigEndian.equals(copy)).toBe(true);
+    await expectDataFileError(parseNiftiRaw(Buffer.from('not a volume'), 'upload.nii'), 'upload.nii', /not a NIfTI file/);
   });
 });
 

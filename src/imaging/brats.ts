@@ -1,37 +1,47 @@
 /**
- * Preprocessing of one BraTS patient into 2-D axial slices (see REFERENCE.md, "BraTS preprocessing"):
+ * Preprocessing of BraTS volumes into 2-D axial slices (see REFERENCE.md, "BraTS preprocessing"), in two layers:
  *
+ * - volumeToSlices, pure (no file IO): volumes as readNiftiRaw returns them (or parseNiftiRaw, for an upload) and an
+ *   optional segmentation -> model-ready slices, masks and per-slice metadata. Training data (preprocessPatient)
+ *   and inference (one uploaded volume, `keep: 'all'`, no segmentation) go through the same code, so a model sees
+ *   at inference exactly what it was trained on. Its steps, selectSlices, sliceMasks and sliceImages, are exported
+ *   for callers that hold the segmentation before the images, as preprocessPatient does.
+ * - preprocessPatient: reads one patient's files, runs the steps and writes images.npy, masks.npy and meta.json.
+ *
+ * Rules:
  * - each modality is z-scored over its whole 3-D volume (background zeros included);
  * - the mask is label > 0 (whole tumour);
- * - axial slices are taken along the last axis (z);
- * - a slice with >= minTumorPixels tumour pixels is always kept, any other slice with probability
- *   keepProbability, drawn from a PRNG seeded by (seed, patientId) so that a re-run keeps the same slices;
+ * - axial slices are taken along the volume's third axis (k);
+ * - with a segmentation, a slice with >= minTumorPixels tumour pixels is always kept, any other slice with
+ *   probability keepProbability, drawn from a PRNG seeded by (seed, patient id) so that a re-run keeps the same
+ *   slices; `keep: 'all'` (the default without a segmentation) keeps every slice;
  * - kept slices are resized to imageSize x imageSize: the image with a separable triangle (bilinear) filter whose
  *   support widens with the reduction factor when downscaling (anti-aliasing, like Pillow's and roughly like
  *   skimage's anti_aliasing), mirror-reflected at the borders as skimage's default mode='reflect'; the mask by
  *   nearest neighbour, then > 0.5.
  *
- * Slice orientation: in the output, row r and column c of a slice is voxel (x = c, y = r) of the volume, i.e. a
- * slice is the volume's x-fastest memory layout read as rows of x. (nibabel's `img[:, :, z]` is the transpose:
- * its first index is x.)
+ * Orientation: output slice s is the volume's voxels [:, :, k] in nibabel's array order (numpy
+ * `img.get_fdata()[:, :, k]`, as the original Python system sliced them): row r and column c of a slice come from
+ * voxel (i = r, j = c, k), resized. NIfTI stores i fastest (voxel (i, j, k) at i + nx * (j + ny * k)), so a file's
+ * row of i values becomes an output column. meta.json records this and the volume's axis codes ('LPS', 'RAS', ...).
  *
- * Outputs, under outDir/<patientId>/: images.npy (float32, N x H x W for one modality, N x C x H x W for several),
- * masks.npy (uint8 0/1, N x H x W) and meta.json, written atomically, meta.json last: its presence marks a
- * complete result.
+ * Outputs of preprocessPatient, under outDir/<patientId>/ (src/disk/layout.ts's patientFiles): images.npy
+ * (float32, N x H x W for one modality, N x C x H x W for several), masks.npy (uint8 0/1, N x H x W) and meta.json,
+ * written atomically, meta.json last: its presence marks a complete result.
  */
 import { readdir, rm } from 'node:fs/promises';
 import { basename, join } from 'node:path';
-import { writeFileAtomic, writeJsonAtomic } from '../lib/atomic.js';
+import { patientFiles, writePatientMeta, type PatientMeta, type SliceInfo, type SliceOrientation } from '../disk/layout.ts';
+import { writeFileAtomic } from '../lib/atomic.js';
 import { DataFileError, PatientDataError, SliceWiseError } from '../lib/errors.js';
 import type { PatientFiles } from './layout.js';
 import { readNiftiRaw, type RawNiftiVolume } from './nifti.js';
 import { allocNpy } from './npy.js';
 
-export interface PreprocessOptions {
+/** Output size and slice sampling, shared by preprocessPatient and volumeToSlices. */
+export interface SamplingOptions {
   /** Output slice size (square). Default 256. */
   imageSize?: number;
-  /** Modalities stacked as channels, by canonical name. Default ['flair']. */
-  modalities?: string[];
   /** A slice with at least this many tumour pixels is always kept. Default 100. */
   minTumorPixels?: number;
   /** Probability of keeping any other slice. Default 0.3. */
@@ -40,25 +50,77 @@ export interface PreprocessOptions {
   seed?: number;
 }
 
-export interface SliceInfo {
-  /** z index of the slice in the original volume. */
-  slice_idx: number;
-  has_tumor: boolean;
-  /** Tumour (label > 0) pixels in the original slice, before resizing. */
-  tumor_pixels: number;
+export interface PreprocessOptions extends SamplingOptions {
+  /** Modalities stacked as channels, by canonical name. Default ['flair']. */
+  modalities?: string[];
 }
 
-export interface PatientMeta {
-  patient_id: string;
-  source_files: Record<string, string>;
-  original_shape: number[];
-  pixdim: number[];
-  modality: string[];
-  normalize_method: 'zscore';
-  image_size: number;
-  num_slices: number;
-  /** One entry per output slice, in the order of images.npy / masks.npy. */
+export interface SliceOptions extends SamplingOptions {
+  /**
+   * 'sampled' (the default with a segmentation): the training rule above; needs a segmentation and sampleKey.
+   * 'all' (the default without one): every slice, in order, as inference wants.
+   */
+  keep?: 'sampled' | 'all';
+  /** With 'sampled', seeds the draw together with `seed`: the patient id, so that a re-run keeps the same slices. */
+  sampleKey?: string;
+}
+
+/** Per-slice metadata when there is no segmentation to count tumour pixels in. */
+export type UnlabelledSliceInfo = Pick<SliceInfo, 'slice_idx'>;
+
+/** The slices to cut from a volume, before any voxel is resampled (see selectSlices). */
+export interface SliceSelection<S extends UnlabelledSliceInfo = SliceInfo> {
+  /** [nx, ny, nz] of the volumes the slices come from; every volume sliced with this selection must have it. */
+  shape: [number, number, number];
+  /** Output slices are imageSize x imageSize. */
+  imageSize: number;
+  /** One entry per output slice, in output order (increasing slice_idx). */
+  slices: S[];
+}
+
+interface SliceArrays {
+  /**
+   * float32 model input, each volume z-scored over all its voxels: imageShape is [N, S, S] for one volume and
+   * [N, C, S, S] for several (channels in the order given). images[s][c][r][col] comes from voxel
+   * (i = r, j = col, k = slices[s].slice_idx), resized.
+   */
+  images: Float32Array;
+  imageShape: number[];
+  /** [nx, ny, nz] of the input volumes. */
+  originalShape: [number, number, number];
+  orientation: SliceOrientation;
+}
+
+export interface LabelledSlices extends SliceArrays {
+  /** uint8 0/1 (label > 0), [N, S, S], same pixel order as images. */
+  masks: Uint8Array;
   slices: SliceInfo[];
+}
+
+export interface UnlabelledSlices extends SliceArrays {
+  masks: null;
+  slices: UnlabelledSliceInfo[];
+}
+
+export type VolumeSlices = LabelledSlices | UnlabelledSlices;
+
+/** One volume, or several to stack as channels (all of one shape). */
+export type VolumeInput = RawNiftiVolume | readonly RawNiftiVolume[];
+
+/**
+ * A volume unfit for slicing (NaN voxels, constant, a shape that does not match): 422, naming the input by its
+ * index in the volumes given, or 'seg'. preprocessPatient turns it into a PatientDataError naming the file.
+ */
+export class SliceInputError extends SliceWiseError {
+  readonly input: number | 'seg';
+  readonly reason: string;
+
+  constructor(input: number | 'seg', reason: string) {
+    super(`${input === 'seg' ? 'segmentation' : `volume ${input}`}: ${reason}`, { status: 422, code: 'bad_volume', details: { input, reason } });
+    this.name = 'SliceInputError';
+    this.input = input;
+    this.reason = reason;
+  }
 }
 
 /** Fold a 32-bit value through the MurmurHash3 finaliser (good avalanche). */
@@ -160,7 +222,8 @@ function nearestIndex(inSize: number, outSize: number): Int32Array {
 }
 
 /**
- * Per-patient resampling plan, computed once and reused for every slice and modality.
+ * Resampling plan of one volume shape, computed once and reused for every slice and modality. x is the volume's
+ * i axis (contiguous in the file, the output's rows), y its j axis (the output's columns).
  *
  * Skull-stripped BraTS volumes are zero outside the brain; outputs whose taps only read zeros are not computed:
  * for an input run [lo, hi] of possibly non-zero samples, outputs firstOut[lo] .. lastOut[hi] are the only ones
@@ -218,8 +281,8 @@ function resizePlan(nx: number, ny: number, size: number): ResizePlan {
 }
 
 /**
- * Horizontal pass: ny rows of nx samples -> ny rows of `size` in plan.tmp. Rows go four at a time (one load of
- * each tap index and weight serves four rows), and only over the outputs that can be non-zero.
+ * Horizontal pass, along i: ny file rows of nx samples -> ny rows of `size` in plan.tmp. Rows go four at a time
+ * (one load of each tap index and weight serves four rows), and only over the outputs that can be non-zero.
  */
 function horizontal(plan: ResizePlan, src: Float32Array): void {
   const { nx, ny, size, tmp, rowLo, rowHi, firstOut, lastOut } = plan;
@@ -288,16 +351,18 @@ function horizontal(plan: ResizePlan, src: Float32Array): void {
 
 /**
  * Vertical pass from plan.tmp into out, z-scoring on the way: the taps sum to 1, so scaling them by 1/std and
- * adding -mean/std equals resizing the z-scored slice. Whole rows are combined (contiguous inner loop); outside
- * the non-zero columns of the rows read, the output is the z-score of 0.
+ * adding -mean/std equals resizing the z-scored slice. Whole rows of tmp are combined (contiguous inner loop) into
+ * one output column: output row oi, column oj is source (i, j), nibabel's order. The slice is first filled with
+ * the z-score of 0, which every output outside the non-zero columns of the rows read keeps. (Writing down a column
+ * strides by the row length; a blocked transpose through a buffer measured slower, and so did gathering per row.)
  */
 function vertical(plan: ResizePlan, mean: number, invStd: number, out: Float32Array, outOffset: number): void {
   const { size, tmp, rowLo, rowHi } = plan;
   const { taps, idx, w } = plan.ay;
   const shift = -mean * invStd;
-  for (let oy = 0; oy < size; oy++) {
-    const o = outOffset + oy * size;
-    const j = oy * taps;
+  out.fill(shift, outOffset, outOffset + size * size);
+  for (let oj = 0; oj < size; oj++) {
+    const j = oj * taps;
     let lo = size;
     let hi = -1;
     for (let k = 0; k < taps; k++) {
@@ -306,23 +371,18 @@ function vertical(plan: ResizePlan, mean: number, invStd: number, out: Float32Ar
       if (rowLo[r] < lo) lo = rowLo[r];
       if (rowHi[r] > hi) hi = rowHi[r];
     }
-    if (lo > hi) {
-      out.fill(shift, o, o + size);
-      continue;
-    }
-    if (lo > 0) out.fill(shift, o, o + lo);
-    if (hi < size - 1) out.fill(shift, o + hi + 1, o + size);
-    const dst = out.subarray(o, o + size);
+    if (lo > hi) continue;
+    const col = outOffset + oj;
     const t0 = tmp.subarray(idx[j] * size, idx[j] * size + size);
     const t1 = tmp.subarray(idx[j + 1] * size, idx[j + 1] * size + size);
     const a = w[j] * invStd;
     const b = w[j + 1] * invStd;
-    for (let x = lo; x <= hi; x++) dst[x] = a * t0[x] + b * t1[x] + shift;
+    for (let x = lo, o = col + lo * size; x <= hi; x++, o += size) out[o] = a * t0[x] + b * t1[x] + shift;
     for (let k = 2; k < taps; k++) {
       const c = w[j + k] * invStd;
       if (c === 0) continue;
       const tk = tmp.subarray(idx[j + k] * size, idx[j + k] * size + size);
-      for (let x = lo; x <= hi; x++) dst[x] += c * tk[x];
+      for (let x = lo, o = col + lo * size; x <= hi; x++, o += size) out[o] += c * tk[x];
     }
   }
 }
@@ -348,42 +408,26 @@ function sliceF32(v: RawNiftiVolume, z: number, scratch: Float32Array): Float32A
 
 /**
  * Tumour (label > 0) pixels per slice and per row, straight from the stored labels: the label bytes are read as
- * 32-bit integers, or 64-bit floats for signed and float labels, and a zero word (only zero labels) is skipped at
- * once; the labels of other words are compared one by one. A 64-bit float also compares equal to 0 when only its
- * sign bit is set, which for signed and float labels means a last label of -0 or the most negative integer: not
- * tumour either. Segmentations are mostly zeros, so this is several times faster than converting them. Returns
- * false (nothing done) when the layout does not allow it (scaling, float64 labels, odd row length).
+ * 64-bit floats, and a word that is +0 (every byte zero: only zero labels) is skipped at once; the labels of other
+ * words, -0 included (only the top bit set, which may be a tumour label of an unsigned type), are compared one by
+ * one. Segmentations are mostly zeros, so this is several times faster than converting them, and twice as fast as
+ * 32-bit words. Returns false (nothing done) when the layout does not allow it (scaling, rows that are not whole
+ * words, unaligned data).
  */
 function countTumourRaw(seg: RawNiftiVolume, perSlice: Int32Array, perRow: Int32Array): boolean {
   const { raw } = seg;
   const [nx, ny, nz] = seg.dims;
-  const bpe = raw.BYTES_PER_ELEMENT;
-  const rowBytes = nx * bpe;
-  if (seg.slope !== 1 || seg.inter !== 0 || bpe > 4 || rowBytes % 4 !== 0 || raw.byteOffset % 4 !== 0) return false;
-  const unsigned = raw instanceof Uint8Array || raw instanceof Uint16Array || raw instanceof Uint32Array;
+  const rowBytes = nx * raw.BYTES_PER_ELEMENT;
+  if (seg.slope !== 1 || seg.inter !== 0 || rowBytes % 8 !== 0 || raw.byteOffset % 8 !== 0) return false;
   const rows = ny * nz;
-  if (!unsigned && rowBytes % 8 === 0 && raw.byteOffset % 8 === 0) {
-    const words = new Float64Array(raw.buffer, raw.byteOffset, (rows * rowBytes) >> 3);
-    const wordsPerRow = rowBytes >> 3;
-    const perWord = (8 / bpe) | 0;
-    for (let r = 0, k = 0; r < rows; r++) {
-      let count = 0;
-      for (const end = k + wordsPerRow; k < end; k++) {
-        if (words[k] === 0) continue;
-        for (let e = k * perWord, last = e + perWord; e < last; e++) if (raw[e] > 0) count++;
-      }
-      perRow[r] = count;
-      perSlice[(r / ny) | 0] += count;
-    }
-    return true;
-  }
-  const words = new Int32Array(raw.buffer, raw.byteOffset, (rows * rowBytes) >> 2);
-  const wordsPerRow = rowBytes >> 2;
-  const perWord = (4 / bpe) | 0;
+  const words = new Float64Array(raw.buffer, raw.byteOffset, (rows * rowBytes) >> 3);
+  const wordsPerRow = rowBytes >> 3;
+  const perWord = 8 / raw.BYTES_PER_ELEMENT;
   for (let r = 0, k = 0; r < rows; r++) {
     let count = 0;
     for (const end = k + wordsPerRow; k < end; k++) {
-      if (words[k] === 0) continue;
+      const word = words[k];
+      if (word === 0 && 1 / word > 0) continue;
       for (let e = k * perWord, last = e + perWord; e < last; e++) if (raw[e] > 0) count++;
     }
     perRow[r] = count;
@@ -406,16 +450,16 @@ function countSlice(labels: Float32Array, nx: number, ny: number, perRow: Int32A
 
 /**
  * Nearest-neighbour resize of a label slice into a 0/1 mask (label > 0, which is also "> 0.5" of the binary
- * mask). `out` is zero-filled: rows whose source row has no tumour are left alone.
+ * mask), row oi and column oj from source (i, j). `out` is zero-filled: columns whose source row j has no tumour
+ * are left alone.
  */
 function maskSlice(plan: ResizePlan, labels: Float32Array, perRow: Int32Array, rowOffset: number, out: Uint8Array, outOffset: number): void {
   const { nx, size, nnx, nny } = plan;
-  for (let oy = 0; oy < size; oy++) {
-    const y = nny[oy];
-    if (perRow[rowOffset + y] === 0) continue;
-    const row = y * nx;
-    const t = outOffset + oy * size;
-    for (let ox = 0; ox < size; ox++) out[t + ox] = labels[row + nnx[ox]] > 0 ? 1 : 0;
+  for (let oj = 0; oj < size; oj++) {
+    const j = nny[oj];
+    if (perRow[rowOffset + j] === 0) continue;
+    const row = j * nx;
+    for (let oi = 0, o = outOffset + oj; oi < size; oi++, o += size) out[o] = labels[row + nnx[oi]] > 0 ? 1 : 0;
   }
 }
 
@@ -491,27 +535,6 @@ function volumeStats(v: RawNiftiVolume, scratch: Float32Array): { mean: number; 
   return { mean, std };
 }
 
-function resolveOptions(opts: PreprocessOptions): Required<PreprocessOptions> {
-  const o = {
-    imageSize: opts.imageSize ?? 256,
-    modalities: opts.modalities ?? ['flair'],
-    minTumorPixels: opts.minTumorPixels ?? 100,
-    keepProbability: opts.keepProbability ?? 0.3,
-    seed: opts.seed ?? 42,
-  };
-  const bad = (msg: string): never => {
-    throw new SliceWiseError(`bad preprocessing options: ${msg}`, { status: 400, code: 'bad_options' });
-  };
-  if (!Number.isInteger(o.imageSize) || o.imageSize < 1 || o.imageSize > 4096) bad(`imageSize ${o.imageSize} must be an integer from 1 to 4096`);
-  if (o.modalities.length === 0) bad('modalities is empty');
-  if (new Set(o.modalities).size !== o.modalities.length) bad(`modalities ${o.modalities.join(',')} has duplicates`);
-  if (o.modalities.includes('seg')) bad('seg is the label volume, not an input modality');
-  if (!(o.minTumorPixels >= 0)) bad(`minTumorPixels ${o.minTumorPixels} must be >= 0`);
-  if (!(o.keepProbability >= 0 && o.keepProbability <= 1)) bad(`keepProbability ${o.keepProbability} must be within [0, 1]`);
-  if (!Number.isFinite(o.seed)) bad(`seed ${o.seed} must be a finite number`);
-  return o;
-}
-
 /** The PatientDataError for a modality with no file, naming what was expected and any stray NIfTI files nearby. */
 async function missingFile(patient: PatientFiles, modality: string): Promise<PatientDataError> {
   const pattern = patient.layout?.[modality];
@@ -539,25 +562,239 @@ async function missingFile(patient: PatientFiles, modality: string): Promise<Pat
   return new PatientDataError(patient.patientId, file, reason);
 }
 
+function badOptions(msg: string): never {
+  throw new SliceWiseError(`bad preprocessing options: ${msg}`, { status: 400, code: 'bad_options' });
+}
+
+function resolveSampling(opts: SamplingOptions): Required<SamplingOptions> {
+  const o = {
+    imageSize: opts.imageSize ?? 256,
+    minTumorPixels: opts.minTumorPixels ?? 100,
+    keepProbability: opts.keepProbability ?? 0.3,
+    seed: opts.seed ?? 42,
+  };
+  if (!Number.isInteger(o.imageSize) || o.imageSize < 1 || o.imageSize > 4096) badOptions(`imageSize ${o.imageSize} must be an integer from 1 to 4096`);
+  if (!(o.minTumorPixels >= 0)) badOptions(`minTumorPixels ${o.minTumorPixels} must be >= 0`);
+  if (!(o.keepProbability >= 0 && o.keepProbability <= 1)) badOptions(`keepProbability ${o.keepProbability} must be within [0, 1]`);
+  if (!Number.isFinite(o.seed)) badOptions(`seed ${o.seed} must be a finite number`);
+  return o;
+}
+
+function resolveSliceOptions(opts: SliceOptions, withSegmentation: boolean): Required<SamplingOptions> & Pick<SliceOptions, 'keep' | 'sampleKey'> {
+  const keep = opts.keep ?? (withSegmentation ? 'sampled' : 'all');
+  if (keep !== 'sampled' && keep !== 'all') badOptions(`keep ${String(keep)} must be 'sampled' or 'all'`);
+  if (keep === 'sampled' && !withSegmentation) badOptions("keep 'sampled' draws slices by their tumour pixels and needs a segmentation");
+  if (keep === 'sampled' && !opts.sampleKey) badOptions("keep 'sampled' needs a sampleKey (the patient id) to seed the draw");
+  return { ...resolveSampling(opts), keep, sampleKey: opts.sampleKey };
+}
+
+function resolveModalities(modalities: string[] | undefined): string[] {
+  const m = modalities ?? ['flair'];
+  if (m.length === 0) badOptions('modalities is empty');
+  if (new Set(m).size !== m.length) badOptions(`modalities ${m.join(',')} has duplicates`);
+  if (m.includes('seg')) badOptions('seg is the label volume, not an input modality');
+  return m;
+}
+
+const shapeText = (dims: readonly number[]): string => dims.join('x');
+const sameShape = (a: readonly number[], b: readonly number[]): boolean => a[0] === b[0] && a[1] === b[1] && a[2] === b[2];
+
+/** Per-row tumour counts that selectSlices computed, for sliceMasks on the same segmentation. */
+const countedRows = new WeakMap<object, { seg: RawNiftiVolume; perSlice: Int32Array; perRow: Int32Array }>();
+
+/**
+ * Step 1: which slices of a segmented volume to keep (options.keep, see the module comment), with their tumour
+ * pixel counts on the original slice. Reads only the segmentation.
+ */
+export function selectSlices(seg: RawNiftiVolume, opts: SliceOptions = {}): SliceSelection<SliceInfo> {
+  const o = resolveSliceOptions(opts, true);
+  const [nx, ny, nz] = seg.dims;
+  const tumour = new Int32Array(nz);
+  const perRow = new Int32Array(ny * nz);
+  if (!countTumourRaw(seg, tumour, perRow)) {
+    const scratch = new Float32Array(nx * ny);
+    for (let z = 0; z < nz; z++) tumour[z] = countSlice(sliceF32(seg, z, scratch), nx, ny, perRow, z * ny);
+  }
+  const slices: SliceInfo[] = [];
+  // One draw per slice, whether or not it is needed, so each slice's fate depends only on its index.
+  const rng = o.keep === 'sampled' ? patientRng(o.seed, o.sampleKey!) : null;
+  for (let z = 0; z < nz; z++) {
+    const keep = rng ? rng() < o.keepProbability || tumour[z] >= o.minTumorPixels : true;
+    if (keep) slices.push({ slice_idx: z, has_tumor: tumour[z] > 0, tumor_pixels: tumour[z] });
+  }
+  const selection: SliceSelection<SliceInfo> = { shape: [nx, ny, nz], imageSize: o.imageSize, slices };
+  countedRows.set(selection, { seg, perSlice: tumour, perRow });
+  return selection;
+}
+
+function checkSelection(selection: SliceSelection<UnlabelledSliceInfo>): void {
+  const nz = selection.shape[2];
+  for (const s of selection.slices) {
+    if (!Number.isInteger(s.slice_idx) || s.slice_idx < 0 || s.slice_idx >= nz) {
+      badOptions(`slice_idx ${s.slice_idx} is outside the volume's ${nz} slices`);
+    }
+  }
+}
+
+/** A typed array of `length`: `into` (checked, zeroed when asked) or a new one. */
+function outputArray<T extends Float32Array | Uint8Array>(into: T | undefined, length: number, make: (n: number) => T, what: string, zero: boolean): T {
+  if (!into) return make(length);
+  if (into.length !== length) {
+    throw new SliceWiseError(`${what}: the output array holds ${into.length} values, the slices need ${length}`, { code: 'bad_output' });
+  }
+  if (zero) into.fill(0);
+  return into;
+}
+
+/**
+ * Step 2: the selected slices of the segmentation as 0/1 masks (label > 0), N x S x S, nearest-neighbour resized.
+ * `into` (e.g. allocNpy's data view, to skip a copy) receives them when given.
+ */
+export function sliceMasks(seg: RawNiftiVolume, selection: SliceSelection<UnlabelledSliceInfo>, into?: Uint8Array): Uint8Array {
+  if (!sameShape(seg.dims, selection.shape)) {
+    throw new SliceInputError('seg', `shape ${shapeText(seg.dims)} does not match the slices' volume shape ${shapeText(selection.shape)}`);
+  }
+  checkSelection(selection);
+  const [nx, ny] = seg.dims;
+  const size = selection.imageSize;
+  const area = size * size;
+  const out = outputArray(into, selection.slices.length * area, (n) => new Uint8Array(n), 'sliceMasks', true);
+  const plan = resizePlan(nx, ny, size);
+  const scratch = new Float32Array(nx * ny);
+  const counted = countedRows.get(selection);
+  const known = counted?.seg === seg;
+  const perRow = known ? counted.perRow : new Int32Array(ny * seg.dims[2]);
+  for (let s = 0; s < selection.slices.length; s++) {
+    const z = selection.slices[s].slice_idx;
+    if (known && counted.perSlice[z] === 0) continue;
+    const labels = sliceF32(seg, z, scratch);
+    if (!known && countSlice(labels, nx, ny, perRow, z * ny) === 0) continue;
+    maskSlice(plan, labels, perRow, z * ny, out, s * area);
+  }
+  return out;
+}
+
+/**
+ * Step 3: the selected slices of one or more volumes, each z-scored over the whole volume, resized to S x S:
+ * N x S x S for one volume, N x C x S x S for several. `into` receives them when given. Throws SliceInputError
+ * for a volume of another shape, with NaN or infinite voxels, or constant (its z-score is undefined).
+ */
+export function sliceImages(volumes: readonly RawNiftiVolume[], selection: SliceSelection<UnlabelledSliceInfo>, into?: Float32Array): Float32Array {
+  if (volumes.length === 0) badOptions('no volumes to slice');
+  checkSelection(selection);
+  const [nx, ny] = selection.shape;
+  volumes.forEach((v, c) => {
+    if (!sameShape(v.dims, selection.shape)) {
+      throw new SliceInputError(c, `image shape ${shapeText(v.dims)} does not match the slices' volume shape ${shapeText(selection.shape)}`);
+    }
+  });
+  const scratch = new Float32Array(nx * ny);
+  const stats = volumes.map((v, c) => {
+    const { mean, std } = volumeStats(v, scratch);
+    if (!Number.isFinite(mean) || !Number.isFinite(std)) throw new SliceInputError(c, 'the volume contains NaN or infinite voxel values');
+    if (std === 0) throw new SliceInputError(c, `constant volume (every voxel is ${mean}): the z-score is undefined`);
+    return { mean, invStd: 1 / std };
+  });
+  const size = selection.imageSize;
+  const area = size * size;
+  const channels = volumes.length;
+  const out = outputArray(into, selection.slices.length * channels * area, (n) => new Float32Array(n), 'sliceImages', false);
+  const plan = resizePlan(nx, ny, size);
+  selection.slices.forEach(({ slice_idx: z }, s) => {
+    for (let c = 0; c < channels; c++) {
+      horizontal(plan, sliceF32(volumes[c], z, scratch));
+      vertical(plan, stats[c].mean, stats[c].invStd, out, (s * channels + c) * area);
+    }
+  });
+  return out;
+}
+
+/** How the slices' axes map onto a volume, as meta.json records it. */
+export function sliceOrientation(volume: Pick<RawNiftiVolume, 'axisCodes'>): SliceOrientation {
+  return { array_axes: ['k', 'i', 'j'], axis_codes: volume.axisCodes ?? null };
+}
+
+function imageShapeOf(n: number, channels: number, size: number): number[] {
+  return channels === 1 ? [n, size, size] : [n, channels, size, size];
+}
+
+/**
+ * Volumes (one, or several stacked as channels; all of one shape) and an optional segmentation -> model-ready
+ * slices: the three steps above in one call. Without a segmentation every slice is kept and masks is null. Pure:
+ * no file IO, the same input gives the same output.
+ */
+export function volumeToSlices(volumes: VolumeInput, seg: RawNiftiVolume, opts?: SliceOptions): LabelledSlices;
+export function volumeToSlices(volumes: VolumeInput, seg?: null, opts?: SliceOptions): UnlabelledSlices;
+export function volumeToSlices(volumes: VolumeInput, seg?: RawNiftiVolume | null, opts?: SliceOptions): VolumeSlices;
+export function volumeToSlices(volumes: VolumeInput, seg?: RawNiftiVolume | null, opts: SliceOptions = {}): VolumeSlices {
+  const vols: readonly RawNiftiVolume[] = Array.isArray(volumes) ? volumes : [volumes as RawNiftiVolume];
+  if (vols.length === 0) badOptions('no volumes to slice');
+  const first = vols[0];
+  const common = (selection: SliceSelection<UnlabelledSliceInfo>) => ({
+    images: sliceImages(vols, selection),
+    imageShape: imageShapeOf(selection.slices.length, vols.length, selection.imageSize),
+    originalShape: [...first.dims] as [number, number, number],
+    orientation: sliceOrientation(first),
+  });
+  if (seg) {
+    const selection = selectSlices(seg, opts);
+    const arrays = common(selection);
+    return { ...arrays, masks: sliceMasks(seg, selection), slices: selection.slices };
+  }
+  const o = resolveSliceOptions(opts, false);
+  const selection: SliceSelection<UnlabelledSliceInfo> = {
+    shape: [...first.dims],
+    imageSize: o.imageSize,
+    slices: Array.from({ length: first.dims[2] }, (_, z) => ({ slice_idx: z })),
+  };
+  return { ...common(selection), masks: null, slices: selection.slices };
+}
+
 async function readFor(patientId: string, file: string): Promise<RawNiftiVolume> {
   try {
     return await readNiftiRaw(file);
   } catch (err) {
-    if (err instanceof DataFileError) throw new PatientDataError(patientId, err.file, (err.details?.reason as string | undefined) ?? err.message);
-    throw new PatientDataError(patientId, file, (err as Error).message);
+    if (err instanceof DataFileError) {
+      throw new PatientDataError(patientId, err.file, (err.details?.reason as string | undefined) ?? err.message, { cause: err });
+    }
+    throw new PatientDataError(patientId, file, (err as Error).message, { cause: err });
   }
 }
 
-const shapeText = (v: RawNiftiVolume): string => v.dims.join('x');
+/**
+ * A patient's volumes as volumeToSlices takes them: the modalities in the order given and, with `seg: true` (or
+ * when the patient has one), the segmentation. Errors name the patient and the file; shapes are checked.
+ */
+export async function readPatientVolumes(
+  patient: PatientFiles,
+  modalities: string[],
+  { seg: needSeg = false }: { seg?: boolean } = {},
+): Promise<{ volumes: RawNiftiVolume[]; seg: RawNiftiVolume | null }> {
+  const id = patient.patientId;
+  const wanted = resolveModalities(modalities);
+  for (const m of needSeg ? [...wanted, 'seg'] : wanted) {
+    if (!patient.files[m]) throw await missingFile(patient, m);
+  }
+  const [volumes, seg] = await Promise.all([
+    Promise.all(wanted.map((m) => readFor(id, patient.files[m]))),
+    patient.files.seg ? readFor(id, patient.files.seg) : Promise.resolve(null),
+  ]);
+  const shape = (seg ?? volumes[0]).dims;
+  volumes.forEach((v, c) => {
+    if (!sameShape(v.dims, shape)) throw new PatientDataError(id, patient.files[wanted[c]], `shape ${shapeText(v.dims)} does not match ${shapeText(shape)} of the patient's other volumes`);
+  });
+  return { volumes, seg };
+}
 
 /** Preprocess one patient into outDir/<patientId>/{images.npy, masks.npy, meta.json}; see the module comment. */
 export async function preprocessPatient(patient: PatientFiles, outDir: string, opts: PreprocessOptions = {}): Promise<PatientMeta> {
-  const o = resolveOptions(opts);
+  const sampling = resolveSampling(opts);
+  const modalities = resolveModalities(opts.modalities);
   const id = patient.patientId;
   if (!id || id === '.' || id === '..' || /[\\/]/.test(id)) {
     throw new SliceWiseError(`bad patient id "${id}": it names the output directory and cannot contain a path separator`, { status: 400, code: 'bad_patient_id' });
   }
-  const needed = [...o.modalities, 'seg'];
+  const needed = [...modalities, 'seg'];
   for (const m of needed) {
     if (!patient.files[m]) throw await missingFile(patient, m);
   }
@@ -566,88 +803,53 @@ export async function preprocessPatient(patient: PatientFiles, outDir: string, o
   // kept, so the masks are made (and written) while the images are still inflating.
   const segFile = patient.files.seg;
   const segRead = readFor(id, segFile);
-  const imageReads = Promise.all(o.modalities.map((m) => readFor(id, patient.files[m])));
+  const imageReads = Promise.all(modalities.map((m) => readFor(id, patient.files[m])));
   imageReads.catch(() => undefined); // awaited below; do not let an early seg failure leave it unhandled
   const seg = await segRead;
-  const [nx, ny, nz] = seg.dims;
-  const plane = nx * ny;
-  const scratch = new Float32Array(plane);
-  const tumour = new Int32Array(nz);
-  const perRow = new Int32Array(ny * nz);
-  if (!countTumourRaw(seg, tumour, perRow)) {
-    for (let z = 0; z < nz; z++) tumour[z] = countSlice(sliceF32(seg, z, scratch), nx, ny, perRow, z * ny);
-  }
-
-  // Slice selection: one draw per slice, whether or not it is needed, so each slice's fate depends only on its index.
-  const rng = patientRng(o.seed, id);
-  const kept: number[] = [];
-  for (let z = 0; z < nz; z++) {
-    const r = rng();
-    if (tumour[z] >= o.minTumorPixels || r < o.keepProbability) kept.push(z);
-  }
-  const n = kept.length;
-  const size = o.imageSize;
-  const area = size * size;
-  const plan = resizePlan(nx, ny, size);
+  const selection = selectSlices(seg, { ...sampling, keep: 'sampled', sampleKey: id });
+  const n = selection.slices.length;
+  const size = sampling.imageSize;
 
   const masks = allocNpy('uint8', [n, size, size]);
-  const slices: SliceInfo[] = [];
-  for (let s = 0; s < n; s++) {
-    const z = kept[s];
-    if (tumour[z] > 0) maskSlice(plan, sliceF32(seg, z, scratch), perRow, z * ny, masks.data, s * area);
-    slices.push({ slice_idx: z, has_tumor: tumour[z] > 0, tumor_pixels: tumour[z] });
-  }
-  const dir = join(outDir, id);
+  sliceMasks(seg, selection, masks.data);
+  const paths = patientFiles(outDir, id);
   // An old meta.json would vouch for arrays we are about to replace: drop it first, write it back last.
-  await rm(join(dir, 'meta.json'), { force: true });
-  const maskWrite = writeFileAtomic(join(dir, 'masks.npy'), masks.file);
+  await rm(paths.meta, { force: true });
+  const maskWrite = writeFileAtomic(paths.masks, masks.file);
   maskWrite.catch(() => undefined); // awaited below
 
   const images = await imageReads;
-  for (let c = 0; c < images.length; c++) {
-    const v = images[c];
-    if (v.dims[0] !== nx || v.dims[1] !== ny || v.dims[2] !== nz) {
-      throw new PatientDataError(
-        id,
-        patient.files[o.modalities[c]],
-        `image shape ${shapeText(v)} does not match the seg shape ${shapeText(seg)} of ${basename(segFile)}`,
-      );
+  images.forEach((v, c) => {
+    if (!sameShape(v.dims, seg.dims)) {
+      const reason = `image shape ${shapeText(v.dims)} does not match the seg shape ${shapeText(seg.dims)} of ${basename(segFile)}`;
+      throw new PatientDataError(id, patient.files[modalities[c]], reason);
     }
-  }
-  const stats = images.map((v, c) => {
-    const { mean, std } = volumeStats(v, scratch);
-    const file = patient.files[o.modalities[c]];
-    if (!Number.isFinite(mean) || !Number.isFinite(std)) throw new PatientDataError(id, file, 'the volume contains NaN or infinite voxel values');
-    if (std === 0) throw new PatientDataError(id, file, `constant volume (every voxel is ${mean}): the z-score is undefined`);
-    return { mean, invStd: 1 / std };
   });
-
-  const channels = images.length;
-  const imageShape = channels === 1 ? [n, size, size] : [n, channels, size, size];
-  const out = allocNpy('float32', imageShape);
-  for (let s = 0; s < n; s++) {
-    for (let c = 0; c < channels; c++) {
-      horizontal(plan, sliceF32(images[c], kept[s], scratch));
-      vertical(plan, stats[c].mean, stats[c].invStd, out.data, (s * channels + c) * area);
+  const out = allocNpy('float32', imageShapeOf(n, images.length, size));
+  try {
+    sliceImages(images, selection, out.data);
+  } catch (err) {
+    if (err instanceof SliceInputError && typeof err.input === 'number') {
+      throw new PatientDataError(id, patient.files[modalities[err.input]], err.reason, { cause: err });
     }
+    throw err;
   }
-  await Promise.all([writeFileAtomic(join(dir, 'images.npy'), out.file), maskWrite]);
+  await Promise.all([writeFileAtomic(paths.images, out.file), maskWrite]);
 
   const source_files: Record<string, string> = {};
   for (const m of needed) source_files[m] = patient.files[m];
-  const first = images[0];
   const meta: PatientMeta = {
     patient_id: id,
     source_files,
-    original_shape: [nx, ny, nz],
-    pixdim: [...first.pixdim],
-    modality: [...o.modalities],
+    original_shape: [...seg.dims],
+    pixdim: [...images[0].pixdim],
+    modality: [...modalities],
     normalize_method: 'zscore',
     image_size: size,
     num_slices: n,
-    slices,
+    orientation: sliceOrientation(images[0]),
+    slices: selection.slices,
   };
-
-  await writeJsonAtomic(join(dir, 'meta.json'), meta);
+  await writePatientMeta(paths, meta);
   return meta;
 }

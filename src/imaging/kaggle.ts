@@ -7,7 +7,8 @@
  * fill holes, small erosion) -> reject when the mask covers < 3 % or > 95 % -> z-score over brain pixels,
  * background 0. Two additions to the reference steps, both for real Kaggle files (see brainMask): a thin
  * frame is blanked before the component analysis (film scans with white edge lines), and a nearly flat
- * image is not contrast-stretched into noise.
+ * image is not contrast-stretched into noise. kaggleImageToInput does this for one image, from a file or from the
+ * bytes of an upload, so that training and the demo prepare images alike; preprocessKaggleDataset writes a folder.
  *
  * Library choice:
  * - sharp (already a dependency) does what it is built for: decoding JPEG/PNG of any channel layout and bit
@@ -25,8 +26,9 @@
 import { readdir, readFile, stat } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import sharp from 'sharp';
+import { kaggleFiles, writeKaggleMeta, type KaggleMeta } from '../disk/layout.ts';
 import { DataFileError, SliceWiseError } from '../lib/errors.js';
-import { writeFileAtomic, writeJsonAtomic } from '../lib/atomic.js';
+import { writeFileAtomic } from '../lib/atomic.js';
 import { encodeNpy } from './npy.js';
 
 export interface KaggleImage {
@@ -39,7 +41,15 @@ export interface KaggleImage {
 }
 
 export type KaggleResult =
-  | { ok: true; /** size*size, z-scored over brain pixels, background 0 */ image: Float32Array; brainFraction: number }
+  | {
+      ok: true;
+      /** The model input: size x size, row-major (rows = image y), z-scored over brain pixels, background 0. */
+      image: Float32Array;
+      /** The brain mask the z-score used, 0/1, same layout. */
+      brainMask: Uint8Array;
+      /** Fraction of the image the mask covers. */
+      brainFraction: number;
+    }
   | { ok: false; reason: string };
 
 export interface KaggleDatasetResult {
@@ -510,20 +520,31 @@ function checkImageSize(size: number): void {
 }
 
 /**
- * Preprocess one image. Never throws for bad image content: an undecodable file, or one whose brain mask
- * is implausible, comes back as { ok: false, reason }. A file that cannot be read at all (missing,
- * permission denied) is not a bad image but a broken dataset, and throws DataFileError.
+ * One image -> model input: a file path, or the bytes of a JPEG or PNG (an upload). Never throws for bad image
+ * content: undecodable bytes, or an image whose brain mask is implausible, come back as { ok: false, reason }. A
+ * file that cannot be read at all (missing, permission denied) is not a bad image but a broken dataset, and
+ * throws DataFileError.
  */
-export async function preprocessKaggleImage(file: string, opts: { imageSize?: number } = {}): Promise<KaggleResult> {
+export async function kaggleImageToInput(source: string | Uint8Array, opts: { imageSize?: number } = {}): Promise<KaggleResult> {
   const size = opts.imageSize ?? DEFAULT_IMAGE_SIZE;
   checkImageSize(size);
+  if (typeof source !== 'string') return bytesToInput(source, size);
   let bytes: Buffer;
   try {
-    bytes = await readFile(file);
+    bytes = await readFile(source);
   } catch (err) {
-    throw new DataFileError(file, `cannot read file: ${(err as Error).message}`);
+    throw new DataFileError(source, `cannot read file: ${(err as Error).message}`, { cause: err });
   }
+  return bytesToInput(bytes, size);
+}
 
+/** Preprocess one image file; see kaggleImageToInput. */
+export function preprocessKaggleImage(file: string, opts: { imageSize?: number } = {}): Promise<KaggleResult> {
+  return kaggleImageToInput(file, opts);
+}
+
+/** The per-image steps of the module comment, on encoded image bytes; no file IO. */
+async function bytesToInput(bytes: Uint8Array, size: number): Promise<KaggleResult> {
   let gray: Uint8Array;
   try {
     // Content is sniffed from the bytes (a '.jpg' may be a PNG). Alpha is flattened onto black, the MRI
@@ -569,7 +590,7 @@ export async function preprocessKaggleImage(file: string, opts: { imageSize?: nu
   if (!(std > 1e-6)) return { ok: false, reason: 'brain region has no contrast (intensity std is 0)' };
   const image = new Float32Array(n);
   for (let i = 0; i < n; i++) if (mask[i]) image[i] = (gray[i]! - mean) / std;
-  return { ok: true, image, brainFraction: fraction };
+  return { ok: true, image, brainMask: mask, brainFraction: fraction };
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -613,7 +634,7 @@ export async function preprocessKaggleDataset(
   await Promise.all(Array.from({ length: Math.min(DATASET_CONCURRENCY, total) }, worker));
 
   const pixels = size * size;
-  const kept: { index: number; relPath: string; label: 0 | 1; brain_fraction: number }[] = [];
+  const kept: KaggleMeta['items'] = [];
   const rejected: { relPath: string; reason: string }[] = [];
   for (let i = 0; i < total; i++) {
     const r = results[i]!;
@@ -631,9 +652,10 @@ export async function preprocessKaggleDataset(
     k++;
   }
 
-  await writeFileAtomic(join(outDir, 'images.npy'), encodeNpy(stack, [kept.length, size, size]));
-  await writeFileAtomic(join(outDir, 'labels.npy'), encodeNpy(labels, [kept.length]));
-  await writeJsonAtomic(join(outDir, 'meta.json'), { image_size: size, items: kept, rejected });
+  const paths = kaggleFiles(outDir);
+  await writeFileAtomic(paths.images, encodeNpy(stack, [kept.length, size, size]));
+  await writeFileAtomic(paths.labels, encodeNpy(labels, [kept.length]));
+  await writeKaggleMeta(paths, { image_size: size, items: kept, rejected });
 
   const yes = kept.filter((it) => it.label === 1).length;
   return { processed: kept.length, rejected, labels: { yes, no: kept.length - yes } };

@@ -13,22 +13,29 @@ import { DataFileError } from '../lib/errors.js';
 
 const gunzipAsync = promisify(gunzip);
 
-export interface NiftiVolume {
-  /** Voxels along x, y, z. */
+/** What the header says about the voxel grid. */
+interface NiftiGeometry {
+  /** Voxels along the i, j, k axes (x, y, z in NIfTI's words). */
   dims: [number, number, number];
-  /** Voxel size along x, y, z (usually mm), as stored in the header. */
+  /** Voxel size along i, j, k (usually mm), as stored in the header. */
   pixdim: [number, number, number];
   /** Datatype as stored on disk: uint8, int8, int16, uint16, int32, uint32, float32 or float64. */
   datatype: string;
-  /** Voxels in file order (x fastest, then y, then z), with scl_slope/scl_inter applied. */
+  /**
+   * The world direction each voxel axis i, j, k points to, as nibabel's aff2axcodes spells it (e.g. 'RAS',
+   * 'LPS'), from the sform when sform_code is set, else from the qform when qform_code is set (nibabel's
+   * precedence); null when neither is set or the matrix is degenerate.
+   */
+  axisCodes: string | null;
+}
+
+export interface NiftiVolume extends NiftiGeometry {
+  /** Voxels in file order (i fastest, then j, then k: voxel (i, j, k) at i + nx * (j + ny * k)), scaling applied. */
   data: Float32Array;
 }
 
-export interface RawNiftiVolume {
-  dims: [number, number, number];
-  pixdim: [number, number, number];
-  datatype: string;
-  /** Voxels in file order, in the stored datatype. */
+export interface RawNiftiVolume extends NiftiGeometry {
+  /** Voxels in file order (i fastest), in the stored datatype. */
   raw: NumericArray;
   /** Scaling to apply: value = raw * slope + inter (1 and 0 when the file has none). */
   slope: number;
@@ -102,10 +109,11 @@ async function readRaw(file: string): Promise<Buffer> {
     return await readFile(file);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT') throw new DataFileError(file, 'file not found');
-    if (code === 'EISDIR') throw new DataFileError(file, 'is a directory, not a NIfTI file');
-    if (code === 'EACCES' || code === 'EPERM') throw new DataFileError(file, 'permission denied');
-    throw new DataFileError(file, `cannot read file: ${(err as Error).message}`);
+    const cause = { cause: err };
+    if (code === 'ENOENT') throw new DataFileError(file, 'file not found', cause);
+    if (code === 'EISDIR') throw new DataFileError(file, 'is a directory, not a NIfTI file', cause);
+    if (code === 'EACCES' || code === 'EPERM') throw new DataFileError(file, 'permission denied', cause);
+    throw new DataFileError(file, `cannot read file: ${(err as Error).message}`, cause);
   }
 }
 
@@ -123,15 +131,92 @@ export async function readNifti(file: string): Promise<NiftiVolume> {
  * over the data once and can skip a whole-volume float32 copy. Same checks and errors as readNifti.
  */
 export async function readNiftiRaw(file: string): Promise<RawNiftiVolume> {
-  let raw = await readRaw(file);
+  return inflateAndDecode(await readRaw(file), file);
+}
+
+/**
+ * The same for a NIfTI image already in memory (.nii or .nii.gz bytes, e.g. an upload); `name` stands for the
+ * file in error messages. `bytes` is left unchanged.
+ */
+export async function parseNiftiRaw(bytes: Uint8Array, name = '<upload>'): Promise<RawNiftiVolume> {
+  const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  // Inflating makes a fresh buffer; plain bytes are copied because decoding may byte-swap them in place.
+  return inflateAndDecode(isGzip(buf) ? buf : Buffer.from(buf), name);
+}
+
+/** `raw` must be ours to change (see decodeNifti). */
+async function inflateAndDecode(raw: Buffer, file: string): Promise<RawNiftiVolume> {
   if (isGzip(raw)) {
     try {
       raw = await gunzipAsync(raw, { chunkSize: gunzipChunkSize(raw) });
     } catch (err) {
-      throw new DataFileError(file, `gzip data is corrupt or truncated: ${(err as Error).message}`);
+      throw new DataFileError(file, `gzip data is corrupt or truncated: ${(err as Error).message}`, { cause: err });
     }
   }
   return decodeNifti(raw, file);
+}
+
+const AXIS_LETTERS = [
+  ['L', 'R'],
+  ['P', 'A'],
+  ['I', 'S'],
+] as const;
+
+/** The 3 x 3 voxel-to-world part of the affine nibabel would use (sform first), or null when neither form is set. */
+function worldMatrix(header: nifti.NIFTI1 | nifti.NIFTI2, headerBytes: ArrayBuffer, isNifti2: boolean): number[][] | null {
+  if (header.sform_code > 0) {
+    // Read srow_x/y/z ourselves: nifti-reader-js's `affine` is the qform when qform_code > sform_code, as in the
+    // BraTS 2015 segmentations (qform 2, sform 1), where nibabel takes the sform.
+    const view = new DataView(headerBytes);
+    const [base, step] = isNifti2 ? [400, 8] : [280, 4];
+    const at = (o: number): number => (isNifti2 ? view.getFloat64(o, header.littleEndian) : view.getFloat32(o, header.littleEndian));
+    return [0, 1, 2].map((r) => [0, 1, 2].map((c) => at(base + (r * 4 + c) * step)));
+  }
+  if (header.qform_code > 0) return header.getQformMat().slice(0, 3).map((row) => row.slice(0, 3));
+  return null;
+}
+
+/**
+ * nibabel's io_orientation + aff2axcodes: normalise the columns, take the nearest rotation (polar factor, here
+ * by Newton's iteration X <- (X + X^-T) / 2 instead of an SVD), then for i, j, k in turn the world axis with the
+ * largest component, each world axis used once. Null for a singular matrix (nibabel would drop that axis).
+ */
+function axisCodesOf(m: readonly (readonly number[])[]): string | null {
+  let x = [0, 1, 2].map((r) => [0, 1, 2].map((c) => m[r][c]));
+  for (let c = 0; c < 3; c++) {
+    const norm = Math.hypot(x[0][c], x[1][c], x[2][c]) || 1;
+    for (let r = 0; r < 3; r++) x[r][c] /= norm;
+  }
+  for (let iter = 0; iter < 50; iter++) {
+    const [a, b, c] = x;
+    const det = a[0] * (b[1] * c[2] - b[2] * c[1]) - a[1] * (b[0] * c[2] - b[2] * c[0]) + a[2] * (b[0] * c[1] - b[1] * c[0]);
+    if (!(Math.abs(det) > 1e-6)) return null;
+    // Inverse transpose = cofactor matrix / det.
+    const cof = [
+      [b[1] * c[2] - b[2] * c[1], b[2] * c[0] - b[0] * c[2], b[0] * c[1] - b[1] * c[0]],
+      [a[2] * c[1] - a[1] * c[2], a[0] * c[2] - a[2] * c[0], a[1] * c[0] - a[0] * c[1]],
+      [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]],
+    ];
+    let change = 0;
+    const next = x.map((row, r) =>
+      row.map((v, k) => {
+        const n = (v + cof[r][k] / det) / 2;
+        change = Math.max(change, Math.abs(n - v));
+        return n;
+      }),
+    );
+    x = next;
+    if (change < 1e-12) break;
+  }
+  let codes = '';
+  for (let c = 0; c < 3; c++) {
+    let best = -1;
+    for (let r = 0; r < 3; r++) if (best < 0 || Math.abs(x[r][c]) > Math.abs(x[best][c])) best = r;
+    if (!(Math.abs(x[best][c]) > 1e-8)) return null;
+    codes += AXIS_LETTERS[best][x[best][c] > 0 ? 1 : 0];
+    for (let k = 0; k < 3; k++) x[best][k] = 0;
+  }
+  return codes;
 }
 
 /**
@@ -160,7 +245,7 @@ function decodeNifti(raw: Buffer, file: string): RawNiftiVolume {
     }
   } catch (err) {
     if (err instanceof DataFileError) throw err;
-    throw new DataFileError(file, `not a NIfTI file: ${(err as Error).message}`);
+    throw new DataFileError(file, `not a NIfTI file: ${(err as Error).message}`, { cause: err });
   }
 
   const ndim = header.dims[0];
@@ -222,7 +307,9 @@ function decodeNifti(raw: Buffer, file: string): RawNiftiVolume {
   const slope = header.scl_slope;
   const inter = Number.isFinite(header.scl_inter) ? header.scl_inter : 0;
   const scaled = Number.isFinite(slope) && slope !== 0 && !(slope === 1 && inter === 0);
-  return { dims, pixdim, datatype: info.name, raw: src, slope: scaled ? slope : 1, inter: scaled ? inter : 0 };
+  const world = worldMatrix(header, first, headerBytes === NIFTI2_HEADER_BYTES);
+  const axisCodes = world && axisCodesOf(world);
+  return { dims, pixdim, datatype: info.name, axisCodes, raw: src, slope: scaled ? slope : 1, inter: scaled ? inter : 0 };
 }
 
 /** Apply the scaling and convert to float32 (in place when the stored data already is float32). */
@@ -240,5 +327,5 @@ function toFloat32(v: RawNiftiVolume): NiftiVolume {
     data = new Float32Array(n);
     data.set(raw);
   }
-  return { dims: v.dims, pixdim: v.pixdim, datatype: v.datatype, data };
+  return { dims: v.dims, pixdim: v.pixdim, datatype: v.datatype, axisCodes: v.axisCodes, data };
 }

@@ -33,6 +33,10 @@ export interface NiftiSpec {
   datatypeCodeOverride?: number;
   /** gzip level (default 6, as gzip and nibabel use). */
   gzipLevel?: number;
+  /** Voxel-to-world geometry (default: sform code 1 with a diagonal srow of the voxel sizes, no qform). */
+  sform?: { code: number; srow?: number[][] };
+  /** qform code, quaternion (b, c, d) and qfac (pixdim[0], 1 or -1); default code 0. */
+  qform?: { code: number; quatern?: [number, number, number]; qfac?: number };
 }
 
 /** Encode a NIfTI-1 .nii (or .nii.gz when spec.gzip) image. */
@@ -50,21 +54,25 @@ export function encodeNifti(spec: NiftiSpec): Buffer {
   v.setInt16(70, spec.datatypeCodeOverride ?? code, le);
   v.setInt16(72, bytes * 8, le); // bitpix
   const pixdim = spec.pixdim ?? [];
-  v.setFloat32(76, 1, le); // pixdim[0] = qfac
+  v.setFloat32(76, spec.qform?.qfac ?? 1, le); // pixdim[0] = qfac
   for (let i = 0; i < 7; i++) v.setFloat32(80 + 4 * i, pixdim[i] ?? 1, le);
   v.setFloat32(108, voxOffset, le);
   v.setFloat32(112, spec.sclSlope ?? 0, le);
   v.setFloat32(116, spec.sclInter ?? 0, le);
   v.setUint8(123, 2 | 8); // xyzt_units: mm, s
   buf.write('slicewise test volume', 148, 'latin1'); // descrip
-  v.setInt16(252, 0, le); // qform_code
-  v.setInt16(254, 1, le); // sform_code: scanner
-  const srow = [
+  v.setInt16(252, spec.qform?.code ?? 0, le); // qform_code
+  v.setInt16(254, spec.sform?.code ?? 1, le); // sform_code: 1 = scanner
+  const [qb, qc, qd] = spec.qform?.quatern ?? [0, 0, 0];
+  v.setFloat32(256, qb, le);
+  v.setFloat32(260, qc, le);
+  v.setFloat32(264, qd, le);
+  const srow = spec.sform?.srow ?? [
     [pixdim[0] ?? 1, 0, 0, 0],
     [0, pixdim[1] ?? 1, 0, 0],
     [0, 0, pixdim[2] ?? 1, 0],
   ];
-  for (let r = 0; r < 3; r++) for (let c = 0; c < 4; c++) v.setFloat32(280 + 16 * r + 4 * c, srow[r][c], le);
+  for (let r = 0; r < 3; r++) for (let c = 0; c < 4; c++) v.setFloat32(280 + 16 * r + 4 * c, srow[r][c] ?? 0, le);
   buf.write('n+1\0', 344, 'latin1');
   // bytes 348..351: extension flag, all zero (no extension)
 
