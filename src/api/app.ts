@@ -7,6 +7,9 @@ import type { AppContext } from '../context.ts';
 import { pingDb } from '../db/client.ts';
 import { errorResponse } from './errors.ts';
 import { runsRoutes } from './runs.ts';
+import { uiRoutes } from './ui.ts';
+
+const BULL_BOARD_PATH = '/admin/queues';
 
 export interface ApiOptions {
   /** Mount Bull Board at /admin/queues. Default: true. */
@@ -36,12 +39,14 @@ export function createApp(ctx: AppContext, { bullBoard = true }: ApiOptions = {}
   });
 
   app.route('/runs', runsRoutes(ctx));
+  app.get('/', (c) => c.redirect('/ui'));
+  app.route('/ui', uiRoutes(ctx, { bullBoard: bullBoard ? BULL_BOARD_PATH : null }));
 
   if (bullBoard) {
     const board = new HonoAdapter(serveStatic);
     createBullBoard({ queues: Object.values(ctx.queues).map((q) => new BullMQAdapter(q, { readOnlyMode: false })), serverAdapter: board, options: { uiConfig: { boardTitle: 'SliceWise queues' } } });
-    board.setBasePath('/admin/queues');
-    app.route('/admin/queues', board.registerPlugin());
+    board.setBasePath(BULL_BOARD_PATH);
+    app.route(BULL_BOARD_PATH, board.registerPlugin());
   }
   return app;
 }

@@ -1,20 +1,37 @@
 import type { Context } from 'hono';
+import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { ZodError } from 'zod';
 import { SliceWiseError } from '../lib/errors.ts';
+import { errorPage } from '../web/pages.ts';
 
-/** The one place an error becomes a response: JSON a person can act on, with the offending fields named. */
-export function errorResponse(err: Error, c: Context) {
+interface ErrorBody {
+  code: string;
+  message: string;
+  fields?: { field: string; message: string }[];
+  details?: Record<string, unknown>;
+}
+
+function describe(err: Error): { status: ContentfulStatusCode; error: ErrorBody } {
   if (err instanceof ZodError) {
     const fields = err.issues.map((i) => ({ field: i.path.join('.') || '(body)', message: i.message }));
-    return c.json({ error: { code: 'invalid_request', message: `invalid request: ${fields.map((f) => `${f.field}: ${f.message}`).join('; ')}`, fields } }, 400);
+    return { status: 400, error: { code: 'invalid_request', message: `invalid request: ${fields.map((f) => `${f.field}: ${f.message}`).join('; ')}`, fields } };
   }
   if (err instanceof SliceWiseError) {
-    return c.json({ error: { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) } }, err.status as 400);
+    return { status: err.status as ContentfulStatusCode, error: { code: err.code, message: err.message, ...(err.details ? { details: err.details } : {}) } };
   }
   if ((err as { status?: number }).status === 400 || err.name === 'HTTPException') {
-    const status = ((err as { status?: number }).status ?? 400) as 400;
-    return c.json({ error: { code: 'bad_request', message: err.message } }, status);
+    return { status: ((err as { status?: number }).status ?? 400) as ContentfulStatusCode, error: { code: 'bad_request', message: err.message } };
   }
   console.error(err);
-  return c.json({ error: { code: 'internal', message: `internal error: ${err.message}` } }, 500);
+  return { status: 500, error: { code: 'internal', message: `internal error: ${err.message}` } };
+}
+
+/**
+ * The one place an error becomes a response: JSON a person can act on, with the offending fields named; the
+ * web UI's pages (/ui/...) get the same message as an HTML page.
+ */
+export function errorResponse(err: Error, c: Context) {
+  const { status, error } = describe(err);
+  if (c.req.path === '/ui' || c.req.path.startsWith('/ui/')) return c.html(errorPage(status, error.message), status);
+  return c.json({ error }, status);
 }

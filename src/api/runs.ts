@@ -1,8 +1,10 @@
+import { Readable } from 'node:stream';
 import { Hono } from 'hono';
 import { z } from 'zod';
 import type { AppContext } from '../context.ts';
 import { CreateRunSchema, ListRunsQuery } from '../runs/input.ts';
-import { cancelRun, createRun, getRunDetail, getRunResults, listArtifacts, listRuns } from '../runs/service.ts';
+import { ArtifactIdSchema, getEvaluation, getMetricSeries, listRunArtifacts, openArtifact } from '../runs/reports.ts';
+import { cancelRun, createRun, getRunDetail, getRunResults, listRuns, retryStep } from '../runs/service.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 
 async function jsonBody(req: Request): Promise<unknown> {
@@ -16,6 +18,7 @@ async function jsonBody(req: Request): Promise<unknown> {
 }
 
 const IdempotencyKey = z.string().min(1).max(200).optional();
+const ArtifactParams = z.object({ id: z.string().min(1), artifact: ArtifactIdSchema });
 
 export function runsRoutes(ctx: AppContext) {
   return new Hono()
@@ -31,6 +34,31 @@ export function runsRoutes(ctx: AppContext) {
     })
     .get('/:id', async (c) => c.json(await getRunDetail(ctx, c.req.param('id'))))
     .get('/:id/results', async (c) => c.json(await getRunResults(ctx, c.req.param('id'))))
-    .get('/:id/artifacts', async (c) => c.json({ artifacts: await listArtifacts(ctx, c.req.param('id')) }))
-    .post('/:id/cancel', async (c) => c.json({ run: await cancelRun(ctx, c.req.param('id')) }));
+    .get('/:id/metrics', async (c) => c.json(await getMetricSeries(ctx, c.req.param('id'))))
+    .get('/:id/evaluation', async (c) => c.json(await getEvaluation(ctx, c.req.param('id'))))
+    .get('/:id/artifacts', async (c) => c.json({ artifacts: await listRunArtifacts(ctx, c.req.param('id')) }))
+    // The artifact's path relative to the run's data dir, slashes and all (see listRunArtifacts' `id`).
+    .get('/:id/artifacts/:artifact{.+}', async (c) => {
+      const { id, artifact } = ArtifactParams.parse(c.req.param());
+      const a = await openArtifact(ctx, id, artifact);
+      const headers: Record<string, string> = {
+        'content-type': a.contentType,
+        'content-length': String(a.bytes),
+        'content-disposition': `${a.inline ? 'inline' : 'attachment'}; filename*=UTF-8''${encodeURIComponent(a.fileName)}`,
+        'cache-control': 'no-cache',
+        'x-content-type-options': 'nosniff',
+      };
+      if (a.sha256) {
+        headers['x-sha256'] = a.sha256;
+        headers['repr-digest'] = `sha-256=:${Buffer.from(a.sha256, 'hex').toString('base64')}:`;
+      }
+      if (c.req.method === 'HEAD') {
+        await a.file.close();
+        return c.body(null, 200, headers);
+      }
+      // Streamed from the open handle: a 100 MB checkpoint is never held in memory.
+      return c.body(Readable.toWeb(a.file.createReadStream()) as ReadableStream, 200, headers);
+    })
+    .post('/:id/cancel', async (c) => c.json({ run: await cancelRun(ctx, c.req.param('id')) }))
+    .post('/:id/steps/:step/retry', async (c) => c.json({ run: await retryStep(ctx, c.req.param('id'), c.req.param('step')) }, 202));
 }

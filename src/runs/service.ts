@@ -5,7 +5,7 @@ import { and, asc, count, desc, eq, inArray } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
 import { loadConfig } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
-import { artifacts, kaggleImages, metrics, patients, runs, steps, type RunRow } from '../db/schema.ts';
+import { kaggleImages, metrics, patients, runs, steps, type RunRow } from '../db/schema.ts';
 import { formatSource, parseSource } from '../download/sources.ts';
 import { parseLayout } from '../imaging/layout.ts';
 import { SliceWiseError } from '../lib/errors.ts';
@@ -39,7 +39,7 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   }
   const stepNames = stepsForMode(req.mode);
   if (stepNames.length === 0) {
-    throw new SliceWiseError(`mode '${req.mode}' needs the evaluation and demo steps, which this version does not have yet; use --mode full, data-only or train-eval`, {
+    throw new SliceWiseError(`mode '${req.mode}' needs the demo steps, which this version does not have yet; use --mode full, data-only or train-eval`, {
       status: 501,
       code: 'mode_not_implemented',
     });
@@ -154,10 +154,6 @@ export async function getRunResults(ctx: AppContext, runId: string) {
   const run = await getRunRow(ctx.db, runId);
   if (!run) throw new RunNotFoundError(runId);
   return buildResults(ctx.db, run);
-}
-
-export async function listArtifacts(ctx: AppContext, runId: string) {
-  return ctx.db.select().from(artifacts).where(eq(artifacts.runId, runId));
 }
 
 /**

@@ -1,0 +1,17 @@
+import { fileURLToPath } from 'node:url';
+import { defineConfig } from 'vitest/config';
+
+/**
+ * The browser suite (`npm run test:browser`): real Chromium against the API on a real port. Kept out of the
+ * default `npm test` (its files end in .browser.ts, which the default include does not match).
+ */
+export default defineConfig({
+  test: {
+    root: fileURLToPath(new URL('../..', import.meta.url)),
+    include: ['test/browser/**/*.browser.ts'],
+    testTimeout: 240_000,
+    hookTimeout: 240_000,
+    fileParallelism: false,
+    pool: 'forks',
+  },
+});
