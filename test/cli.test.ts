@@ -80,6 +80,6 @@ describe('slicewise CLI', () => {
   it('a mode whose steps are not built yet says so instead of half-running', async () => {
     const { code, out } = await run(['pipeline', '--mode', 'demo', '--image-size', '32'], { cwd, env: bareEnv() });
     expect(code).toBe(1);
-    expect(out).toContain("mode 'demo' needs the evaluation and demo steps");
+    expect(out).toContain("mode 'demo' needs the demo steps");
   });
 });

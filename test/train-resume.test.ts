@@ -4,7 +4,7 @@ import { Job } from 'bullmq';
 import { and, eq } from 'drizzle-orm';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { metrics } from '../src/db/schema.ts';
-import { jobId } from '../src/queues/names.ts';
+import { DEFAULT_WORKER_QUEUES, jobId, MODEL_QUEUES } from '../src/queues/names.ts';
 import { harness, json, postRun, TEST_REDIS_URL, waitForRun, type Harness } from './helpers/services.ts';
 
 const BIN = join(__dirname, '..', 'bin', 'slicewise.mjs');
@@ -38,7 +38,7 @@ describe('a killed training job resumes from its last epoch checkpoint', () => {
   const procs: ChildProcess[] = [];
   const output: string[] = [];
   const startTrainWorker = () => {
-    const p = spawn(process.execPath, [BIN, 'worker', '--queues', 'train', '--data-dir', h.dataDir], {
+    const p = spawn(process.execPath, [BIN, 'worker', '--queues', 'train,evaluate', '--data-dir', h.dataDir], {
       env: { ...process.env, REDIS_URL: TEST_REDIS_URL, DATABASE_URL: h.db.url, SLICEWISE_QUEUE_PREFIX: h.ctx.prefix, SLICEWISE_TRAIN_LOCK_MS: '4000' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -80,7 +80,7 @@ describe('a killed training job resumes from its last epoch checkpoint', () => {
 describe('cancel stops a training job between batches', () => {
   let h: Harness;
   beforeAll(async () => {
-    h = await harness('pglite', { workerOptions: { queues: ['pipeline', 'download', 'preprocess', 'split', 'train'] } });
+    h = await harness('pglite', { workerOptions: { queues: [...DEFAULT_WORKER_QUEUES, ...MODEL_QUEUES] } });
   });
   afterAll(async () => {
     await h?.close();

@@ -4,9 +4,15 @@ import { join } from 'node:path';
 import { dirname } from 'node:path';
 import { and, eq, like } from 'drizzle-orm';
 import { loadCheckpoint } from '../src/model/checkpoint.ts';
+import { initBackend } from '../src/model/engine.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { artifacts, metrics } from '../src/db/schema.ts';
 import { harness, json, postRun, TEST_REDIS_URL, waitForRun, type Harness } from './helpers/services.ts';
+import { DEFAULT_WORKER_QUEUES, MODEL_QUEUES } from '../src/queues/names.ts';
+import { evaluations } from '../src/db/schema.ts';
+import type { MultitaskEvaluation, PhaseComparison } from '../src/evaluation/report.ts';
+import { readFile } from 'node:fs/promises';
+import sharp from 'sharp';
 
 const BIN = join(__dirname, '..', 'bin', 'slicewise.mjs');
 
@@ -18,10 +24,10 @@ async function metric(h: Harness, runId: string, step: string, name: string) {
     .where(and(eq(metrics.runId, runId), eq(metrics.step, step), eq(metrics.name, name)));
 }
 
-describe('full run: data, then three training stages', () => {
+describe('full run: data, three training stages, evaluation', () => {
   let h: Harness;
   beforeAll(async () => {
-    h = await harness('postgres', { workerOptions: { queues: ['pipeline', 'download', 'preprocess', 'split', 'train'] } });
+    h = await harness('postgres', { workerOptions: { queues: [...DEFAULT_WORKER_QUEUES, ...MODEL_QUEUES] } });
   });
   afterAll(async () => {
     await h?.close();
@@ -67,6 +73,8 @@ describe('full run: data, then three training stages', () => {
     expect(done.device).toMatch(/wasm|cpu|tensorflow/i);
     // Stage 2 trains the head on a frozen encoder and decoder: what stage 1 left arrives in stage 2 unchanged
     // (the original reloaded the decoder under the wrong key and went on with a random one).
+    // The test's own tfjs: the engine registers wasm as the preferred backend, which wants initialising first.
+    await initBackend();
     const best = async (step: string) => {
       const [a] = await h.ctx.db
         .select()
@@ -92,5 +100,50 @@ describe('full run: data, then three training stages', () => {
     expect(s3.latestEpoch.epoch).toBe(14);
     expect(s3.latestEpoch.values).toHaveProperty('train_loss');
     expect(s3.latestEpoch.values).toHaveProperty('val_dice');
+
+    // Evaluation: the original's last three steps, with what they wrote where the README says.
+    const results = await json(await h.app.request(`/runs/${run.id}/results`));
+    expect(Object.keys(results.steps)).toEqual([
+      'download_brats', 'download_kaggle', 'preprocess_brats', 'preprocess_kaggle', 'split_brats', 'split_kaggle',
+      'train_stage1_seg_warmup', 'train_stage2_cls_head', 'train_stage3_joint', 'evaluate_multitask', 'generate_gradcam', 'compare_phases',
+    ]);
+    expect(Object.values(results.steps).every((st: any) => st.status === 'success')).toBe(true);
+    const rows = await h.ctx.db.select().from(evaluations).where(eq(evaluations.runId, run.id));
+    const report = rows.find((r) => r.name === 'multitask')!.report as MultitaskEvaluation;
+    const file = join(h.dataDir, 'runs', run.id, 'results', 'multitask_evaluation.json');
+    expect(JSON.parse(await readFile(file, 'utf8'))).toEqual(report);
+    const testPatients = done.patients.filter((p: any) => p.split === 'test').map((p: any) => p.patientId).sort();
+    expect(report.segmentation!.per_patient_3d.patients.map((p) => p.patient_id).sort()).toEqual(testPatients);
+    // Whole volumes, every slice, back at 96 x 96 x 48: a model this good on validation finds most of each tumour.
+    for (const p of report.segmentation!.per_patient_3d.patients) {
+      expect(p.slices).toBe(48);
+      expect(p.dice!).toBeGreaterThanOrEqual(0.5);
+    }
+    expect(report.classification.overall!.accuracy!).toBeGreaterThanOrEqual(0.7);
+    expect(report.combined).toBeCloseTo((report.segmentation!.per_slice.dice.mean! + report.classification.overall!.accuracy!) / 2, 12);
+    const phases = rows.find((r) => r.name === 'phase_comparison')!.report as PhaseComparison;
+    expect(phases.phases.map((p) => p.phase)).toEqual(['seg_warmup', 'cls_head', 'joint']);
+    expect(phases.phases[2]!.dice).toBeCloseTo(report.segmentation!.per_slice.dice.mean!, 6);
+    const cams = await h.ctx.db.select().from(artifacts).where(and(eq(artifacts.runId, run.id), eq(artifacts.kind, 'gradcam')));
+    expect(cams).toHaveLength(20); // quick mode's count
+    for (const a of cams) {
+      expect(a.path).toMatch(/visualizations\/multitask_gradcam\/gradcam_\d{3}_(brats|kaggle)_pred[01]_true[01]\.png$/);
+      const meta = await sharp(a.path).metadata();
+      expect([meta.format, meta.width, meta.height]).toEqual(['png', 64, 64]);
+    }
+
+    // One step again, alone, on the finished run: it reuses the checkpoints and the run settles again.
+    const retry = await h.app.request(`/runs/${run.id}/steps/generate_gradcam/retry`, { method: 'POST' });
+    expect(retry.status).toBe(202);
+    expect((await json(retry)).run.status).toBe('running');
+    const again = await waitForRun(h.app, run.id, 120_000);
+    expect(again.status).toBe('succeeded');
+    const cam = again.steps.find((x: any) => x.name === 'generate_gradcam');
+    expect(cam.status).toBe('success');
+    expect(cam.counts.images).toBe(20);
+    const camsAgain = await h.ctx.db.select().from(artifacts).where(and(eq(artifacts.runId, run.id), eq(artifacts.kind, 'gradcam')));
+    expect(camsAgain.map((a) => [a.path, a.sha256]).sort()).toEqual(cams.map((a) => [a.path, a.sha256]).sort());
+    expect((await h.app.request(`/runs/${run.id}/steps/train_stage1_seg_warmup/retry`, { method: 'POST' })).status).toBe(400);
+    expect((await h.app.request(`/runs/run-nope/steps/generate_gradcam/retry`, { method: 'POST' })).status).toBe(404);
   }, 600_000);
 });
