@@ -20,12 +20,13 @@ import { preprocessPatient } from '../src/imaging/brats.js';
 import { discoverPatients, type PatientFiles } from '../src/imaging/layout.js';
 import { readNiftiRaw } from '../src/imaging/nifti.js';
 import { writeNifti } from '../test/helpers/nifti-writer.js';
+import { env } from '../src/env.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const RUNS = 5;
 
 function fixturesRoot(): string {
-  return process.env.SLICEWISE_FIXTURES ?? resolve(here, '../../shared/fixtures');
+  return env().fixtures ?? resolve(here, '../../shared/fixtures');
 }
 
 function median(xs: number[]): number {
