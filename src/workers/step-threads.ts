@@ -46,7 +46,7 @@ export function serializeError(err: unknown): SerializedError {
 }
 
 /** The error as the body threw it, as far as the types the runner tells apart go. */
-function reviveError(s: SerializedError): Error {
+export function reviveError(s: SerializedError): Error {
   let e: Error;
   if (s.name === 'StepAbortedError') e = new StepAbortedError();
   else if (s.name === 'UnrecoverableError') e = new UnrecoverableError(s.message);

@@ -1,0 +1,236 @@
+/**
+ * What the demo API and `slicewise predict` do with one upload: an image (JPEG or PNG) or a volume (NIfTI)
+ * through the training path's own preprocessing and the model, to the answers the original's demo gave. No HTTP,
+ * queue or database code; the inference threads (inference-pool.ts) call these.
+ */
+import sharp from 'sharp';
+import { volumeToSlices } from '../imaging/brats.ts';
+import { kaggleImageToInput } from '../imaging/kaggle.ts';
+import { parseNiftiRaw, type RawNiftiVolume } from '../imaging/nifti.ts';
+import { brainOf, gradCam, overlayPng } from '../evaluation/gradcam.ts';
+import { predict, type SliceBatch } from '../evaluation/predict.ts';
+import { SliceWiseError } from '../lib/errors.ts';
+import type { UNetModel } from '../model/unet.ts';
+
+export interface AnalyzeOptions {
+  /** Model input size (the run's image size). */
+  imageSize: number;
+  /** A pixel is tumour above this probability. Default: 0.5. */
+  threshold?: number;
+  /** Connected tumour regions smaller than this many pixels are dropped (the original's min_object_size). Default: 50. */
+  minObjectSize?: number;
+}
+
+export interface Classification {
+  predicted_class: 0 | 1;
+  predicted_label: 'tumor' | 'no_tumor';
+  confidence: number;
+  tumor_probability: number;
+  probabilities: { no_tumor: number; tumor: number };
+}
+
+export interface ImageSegmentation {
+  threshold: number;
+  min_object_size: number;
+  tumor_pixels: number;
+  tumor_fraction: number;
+  /** The 0/1 mask as a PNG (white = tumour), at the model's size. */
+  mask_png: Buffer;
+  /** The mask in red over the preprocessed image, at the model's size. */
+  overlay_png: Buffer;
+}
+
+export interface ImageAnalysis {
+  classification: Classification;
+  segmentation: ImageSegmentation | null;
+  /** Grad-CAM of the predicted class over the image. */
+  gradcam_png: Buffer | null;
+  image_size: number;
+}
+
+export interface ImageRequest extends AnalyzeOptions {
+  /** 'always', 'never', or 'if-tumor': only when p(tumour) >= segmentFrom (the original's multitask rule). */
+  segment: 'always' | 'never' | 'if-tumor';
+  /** Default: 0.3. */
+  segmentFrom?: number;
+  gradcam: boolean;
+}
+
+export function classification(p: number): Classification {
+  const cls = p >= 0.5 ? 1 : 0;
+  return {
+    predicted_class: cls,
+    predicted_label: cls ? 'tumor' : 'no_tumor',
+    confidence: cls ? p : 1 - p,
+    tumor_probability: p,
+    probabilities: { no_tumor: 1 - p, tumor: p },
+  };
+}
+
+/**
+ * Drops 8-connected regions of a 0/1 mask smaller than `minSize` pixels, in place; returns the pixels left.
+ * An iterative flood fill: a region can be as large as the image.
+ */
+export function removeSmallObjects(mask: Uint8Array, width: number, height: number, minSize: number): number {
+  const seen = new Uint8Array(mask.length);
+  const stack = new Int32Array(mask.length);
+  let kept = 0;
+  for (let start = 0; start < mask.length; start++) {
+    if (!mask[start] || seen[start]) continue;
+    let top = 0;
+    const region: number[] = [];
+    stack[top++] = start;
+    seen[start] = 1;
+    while (top > 0) {
+      const p = stack[--top]!;
+      region.push(p);
+      const y = (p / width) | 0;
+      const x = p - y * width;
+      for (let dy = -1; dy <= 1; dy++) {
+        const ny = y + dy;
+        if (ny < 0 || ny >= height) continue;
+        for (let dx = -1; dx <= 1; dx++) {
+          const nx = x + dx;
+          if (nx < 0 || nx >= width) continue;
+          const q = ny * width + nx;
+          if (mask[q] && !seen[q]) {
+            seen[q] = 1;
+            stack[top++] = q;
+          }
+        }
+      }
+    }
+    if (region.length < minSize) for (const p of region) mask[p] = 0;
+    else kept += region.length;
+  }
+  return kept;
+}
+
+/** Greyscale of a z-scored slice, stretched over the brain's range (0 outside it). */
+function greyOf(image: Float32Array, brain: Uint8Array): Uint8Array {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (let i = 0; i < image.length; i++) {
+    if (!brain[i]) continue;
+    lo = Math.min(lo, image[i]!);
+    hi = Math.max(hi, image[i]!);
+  }
+  const span = hi > lo ? hi - lo : 1;
+  const grey = new Uint8Array(image.length);
+  for (let i = 0; i < image.length; i++) grey[i] = brain[i] ? Math.round(Math.max(0, Math.min(1, (image[i]! - lo) / span)) * 255) : 0;
+  return grey;
+}
+
+/** The mask in red at alpha 0.4 over the greyscale image, as a PNG. */
+export function maskOverlayPng(grey: Uint8Array, mask: Uint8Array, width: number, height: number, alpha = 0.4): Promise<Buffer> {
+  const rgb = Buffer.alloc(width * height * 3);
+  for (let i = 0; i < grey.length; i++) {
+    const g = grey[i]!;
+    rgb[i * 3] = mask[i] ? Math.round((1 - alpha) * g + alpha * 255) : g;
+    rgb[i * 3 + 1] = mask[i] ? Math.round((1 - alpha) * g) : g;
+    rgb[i * 3 + 2] = mask[i] ? Math.round((1 - alpha) * g) : g;
+  }
+  return sharp(rgb, { raw: { width, height, channels: 3 } }).png().toBuffer();
+}
+
+function maskPng(mask: Uint8Array, width: number, height: number): Promise<Buffer> {
+  return sharp(Buffer.from(mask.map((v) => (v ? 255 : 0))), { raw: { width, height, channels: 1 } }).png().toBuffer();
+}
+
+function checkModel(model: UNetModel): void {
+  if (model.config.inChannels !== 1) {
+    throw new SliceWiseError(`this model reads ${model.config.inChannels} modalities per slice; the demo takes one image or one volume, so it serves single-modality models only`, {
+      status: 422,
+      code: 'model_needs_modalities',
+    });
+  }
+}
+
+/** One JPEG or PNG: the Kaggle path's brain mask and z-score, then the model. */
+export async function analyzeImage(model: UNetModel, bytes: Uint8Array, name: string, req: ImageRequest): Promise<ImageAnalysis> {
+  checkModel(model);
+  const { imageSize: size, threshold = 0.5, minObjectSize = 50, segmentFrom = 0.3 } = req;
+  const input = await kaggleImageToInput(bytes, { imageSize: size });
+  if (!input.ok) throw new SliceWiseError(`${name}: ${input.reason}`, { status: 422, code: 'bad_image', details: { file: name, reason: input.reason } });
+  const batch: SliceBatch = { images: input.image, n: 1, size, channels: 1 };
+  const want = req.segment !== 'never';
+  const preds = await predict(model, batch, { classifyOnly: !want });
+  const p = preds.cls[0]!;
+  const result: ImageAnalysis = { classification: classification(p), segmentation: null, gradcam_png: null, image_size: size };
+  if (req.segment === 'always' || (req.segment === 'if-tumor' && p >= segmentFrom)) {
+    const mask = new Uint8Array(size * size);
+    for (let i = 0; i < mask.length; i++) mask[i] = preds.seg[i]! > threshold ? 1 : 0;
+    const pixels = removeSmallObjects(mask, size, size, minObjectSize);
+    const grey = greyOf(input.image, input.brainMask);
+    result.segmentation = {
+      threshold,
+      min_object_size: minObjectSize,
+      tumor_pixels: pixels,
+      tumor_fraction: pixels / (size * size),
+      mask_png: await maskPng(mask, size, size),
+      overlay_png: await maskOverlayPng(grey, mask, size, size),
+    };
+  }
+  if (req.gradcam) {
+    const cam = gradCam(model, batch, { classes: [result.classification.predicted_class] });
+    result.gradcam_png = await overlayPng(input.image, cam, brainOf(input.image, 'kaggle'), size);
+  }
+  return result;
+}
+
+export interface SliceResult {
+  slice_idx: number;
+  tumor_probability: number;
+  /** Tumour pixels of the slice on the volume's own grid, after min_object_size. */
+  tumor_pixels: number;
+}
+
+export interface VolumeAnalysis {
+  shape: [number, number, number];
+  /** mm, from the header. */
+  pixdim: [number, number, number];
+  axis_codes: string | null;
+  slices: SliceResult[];
+  tumor_voxels: number;
+  tumor_volume_ml: number;
+  /** 0/1 per voxel on the volume's grid, in NIfTI order (i fastest), for a segmentation file in its geometry. */
+  labels: Uint8Array;
+  volume: RawNiftiVolume;
+}
+
+/**
+ * One NIfTI volume: every axial slice through the BraTS path's own slicing and the model, the probabilities
+ * resized back to the slice's grid, thresholded and cleaned of small objects per slice; the tumour volume in ml
+ * from the voxel size.
+ */
+export async function analyzeVolume(model: UNetModel, bytes: Uint8Array, name: string, { imageSize, threshold = 0.5, minObjectSize = 50 }: AnalyzeOptions): Promise<VolumeAnalysis> {
+  checkModel(model);
+  const volume = await parseNiftiRaw(bytes, name);
+  const [nx, ny, nz] = volume.dims;
+  const slices = volumeToSlices(volume, null, { imageSize });
+  const preds = await predict(model, { images: slices.images, n: nz, size: imageSize, channels: 1 }, { nativeSize: [nx, ny] });
+  const labels = new Uint8Array(nx * ny * nz);
+  const plane = new Uint8Array(nx * ny);
+  const perSlice: SliceResult[] = [];
+  let total = 0;
+  for (let k = 0; k < nz; k++) {
+    const probs = preds.native!.subarray(k * nx * ny, (k + 1) * nx * ny);
+    // The slice's rows are i and its columns j (see volumeToSlices): plane[i * ny + j].
+    for (let q = 0; q < plane.length; q++) plane[q] = probs[q]! > threshold ? 1 : 0;
+    const pixels = removeSmallObjects(plane, ny, nx, minObjectSize);
+    for (let i = 0; i < nx; i++) for (let j = 0; j < ny; j++) if (plane[i * ny + j]) labels[i + nx * (j + ny * k)] = 1;
+    perSlice.push({ slice_idx: k, tumor_probability: preds.cls[k]!, tumor_pixels: pixels });
+    total += pixels;
+  }
+  const voxelMl = (Math.abs(volume.pixdim[0]) * Math.abs(volume.pixdim[1]) * Math.abs(volume.pixdim[2])) / 1000;
+  return {
+    shape: [nx, ny, nz],
+    pixdim: [...volume.pixdim],
+    axis_codes: volume.axisCodes,
+    slices: perSlice,
+    tumor_voxels: total,
+    tumor_volume_ml: total * voxelMl,
+    labels,
+    volume,
+  };
+}
