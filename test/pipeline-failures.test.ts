@@ -1,7 +1,6 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdir, writeFile } from 'node:fs/promises';
 import { createServer, type Server } from 'node:http';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { Job } from 'bullmq';
@@ -36,7 +35,7 @@ async function writeCase(root: string, id: string, opts: { dims?: [number, numbe
   const dims = opts.dims ?? [48, 48, 24];
   const dir = join(root, id);
   await mkdir(dir, { recursive: true });
-  const { img, seg } = volume(dims);
+  const { img } = volume(dims);
   await writeFile(join(dir, `${id}_flair.nii.gz`), opts.flair ?? gzipSync(encodeNifti(img, dims)));
   if (opts.seg !== false) {
     const sd = opts.segDims ?? dims;

@@ -1,20 +1,16 @@
-import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { join } from 'node:path';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
 import { and, eq, like } from 'drizzle-orm';
 import { loadCheckpoint } from '../src/model/checkpoint.ts';
 import { initBackend } from '../src/model/engine.ts';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { artifacts, metrics } from '../src/db/schema.ts';
-import { harness, json, postRun, TEST_REDIS_URL, waitForRun, type Harness } from './helpers/services.ts';
+import { artifacts, evaluations, metrics } from '../src/db/schema.ts';
+import { harness, json, postRun, waitForRun, type Harness } from './helpers/services.ts';
 import { DEFAULT_WORKER_QUEUES, MODEL_QUEUES } from '../src/queues/names.ts';
-import { evaluations } from '../src/db/schema.ts';
 import type { MultitaskEvaluation, PhaseComparison } from '../src/evaluation/report.ts';
 import { readFile } from 'node:fs/promises';
 import sharp from 'sharp';
 
-const BIN = join(__dirname, '..', 'bin', 'slicewise.mjs');
 
 /** Reads a metric of a step from what the run recorded in Postgres. */
 async function metric(h: Harness, runId: string, step: string, name: string) {

@@ -13,7 +13,7 @@ function badFlag(flag: string, reason: string): SliceWiseError {
 }
 
 /** `training.epochs=10` -> { training: { epochs: 10 } }. */
-export function setFlagLayer(assignment: string): Record<string, unknown> {
+function setFlagLayer(assignment: string): Record<string, unknown> {
   const flag = `--set ${assignment}`;
   const eq = assignment.indexOf('=');
   if (eq <= 0) throw badFlag(flag, 'expected key.path=value');
@@ -30,7 +30,7 @@ export function setFlagLayer(assignment: string): Record<string, unknown> {
   return layer;
 }
 
-export function configFileLayer(file: string): unknown {
+function configFileLayer(file: string): unknown {
   let text: string;
   try {
     text = readFileSync(file, 'utf8');

@@ -129,5 +129,4 @@ export const evaluations = pgTable(
 );
 
 export type RunRow = typeof runs.$inferSelect;
-export type StepRow = typeof steps.$inferSelect;
 export type RunStatus = RunRow['status'];

@@ -318,19 +318,18 @@ export function close(mask: Uint8Array, w: number, h: number, r: number): Uint8A
 }
 
 /**
- * Keep only the largest 8-connected component of a 0/1 mask (the first one in raster order on a tie).
- * Returns an all-zero mask for an empty input.
+ * The 8-connected components of a 0/1 mask: a label per pixel (0 = background, components numbered from 1 in
+ * raster order of their first pixel) and each component's size (sizes[label]). An iterative flood fill: a
+ * component can be as large as the image.
  */
-export function largestComponent(mask: Uint8Array, w: number, h: number): Uint8Array {
+export function labelComponents(mask: Uint8Array, w: number, h: number): { labels: Int32Array; sizes: number[] } {
   const n = w * h;
   const labels = new Int32Array(n);
   const stack = new Int32Array(n);
-  let next = 0;
-  let bestLabel = 0;
-  let bestSize = 0;
+  const sizes = [0];
   for (let start = 0; start < n; start++) {
     if (!mask[start] || labels[start]) continue;
-    const label = ++next;
+    const label = sizes.length;
     let size = 0;
     let sp = 0;
     stack[sp++] = start;
@@ -354,13 +353,21 @@ export function largestComponent(mask: Uint8Array, w: number, h: number): Uint8A
         }
       }
     }
-    if (size > bestSize) {
-      bestSize = size;
-      bestLabel = label;
-    }
+    sizes.push(size);
   }
-  const out = new Uint8Array(n);
-  if (bestLabel) for (let i = 0; i < n; i++) out[i] = labels[i] === bestLabel ? 1 : 0;
+  return { labels, sizes };
+}
+
+/**
+ * Keep only the largest 8-connected component of a 0/1 mask (the first one in raster order on a tie).
+ * Returns an all-zero mask for an empty input.
+ */
+export function largestComponent(mask: Uint8Array, w: number, h: number): Uint8Array {
+  const { labels, sizes } = labelComponents(mask, w, h);
+  let best = 0;
+  for (let l = 1; l < sizes.length; l++) if (sizes[l]! > sizes[best]!) best = l;
+  const out = new Uint8Array(w * h);
+  if (best) for (let i = 0; i < out.length; i++) out[i] = labels[i] === best ? 1 : 0;
   return out;
 }
 

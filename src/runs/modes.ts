@@ -13,7 +13,6 @@ export const EVAL_STEPS = ['evaluate_multitask', 'generate_gradcam', 'compare_ph
 export const STEP_NAMES = [...DATA_STEPS, ...TRAIN_STEPS, ...EVAL_STEPS, 'finalize'] as const;
 export type StepName = (typeof STEP_NAMES)[number];
 export type TrainStep = (typeof TRAIN_STEPS)[number];
-export type EvalStep = (typeof EVAL_STEPS)[number];
 
 /** Jobs that are not steps of their own: one per patient, recorded in `patients` and rolled up into preprocess_brats. */
 export const SHARD_JOBS = ['preprocess_patient'] as const;

@@ -5,7 +5,7 @@
  */
 import sharp from 'sharp';
 import { volumeToSlices } from '../imaging/brats.ts';
-import { kaggleImageToInput } from '../imaging/kaggle.ts';
+import { kaggleImageToInput, labelComponents } from '../imaging/kaggle.ts';
 import { parseNiftiRaw, type RawNiftiVolume } from '../imaging/nifti.ts';
 import { brainOf, gradCam, overlayPng } from '../evaluation/gradcam.ts';
 import { predict, type SliceBatch } from '../evaluation/predict.ts';
@@ -67,41 +67,14 @@ export function classification(p: number): Classification {
   };
 }
 
-/**
- * Drops 8-connected regions of a 0/1 mask smaller than `minSize` pixels, in place; returns the pixels left.
- * An iterative flood fill: a region can be as large as the image.
- */
+/** Drops 8-connected regions of a 0/1 mask smaller than `minSize` pixels, in place; returns the pixels left. */
 export function removeSmallObjects(mask: Uint8Array, width: number, height: number, minSize: number): number {
-  const seen = new Uint8Array(mask.length);
-  const stack = new Int32Array(mask.length);
+  const { labels, sizes } = labelComponents(mask, width, height);
   let kept = 0;
-  for (let start = 0; start < mask.length; start++) {
-    if (!mask[start] || seen[start]) continue;
-    let top = 0;
-    const region: number[] = [];
-    stack[top++] = start;
-    seen[start] = 1;
-    while (top > 0) {
-      const p = stack[--top]!;
-      region.push(p);
-      const y = (p / width) | 0;
-      const x = p - y * width;
-      for (let dy = -1; dy <= 1; dy++) {
-        const ny = y + dy;
-        if (ny < 0 || ny >= height) continue;
-        for (let dx = -1; dx <= 1; dx++) {
-          const nx = x + dx;
-          if (nx < 0 || nx >= width) continue;
-          const q = ny * width + nx;
-          if (mask[q] && !seen[q]) {
-            seen[q] = 1;
-            stack[top++] = q;
-          }
-        }
-      }
-    }
-    if (region.length < minSize) for (const p of region) mask[p] = 0;
-    else kept += region.length;
+  for (let i = 0; i < mask.length; i++) {
+    if (!mask[i]) continue;
+    if (sizes[labels[i]!]! < minSize) mask[i] = 0;
+    else kept++;
   }
   return kept;
 }
@@ -196,6 +169,41 @@ export interface VolumeAnalysis {
   /** 0/1 per voxel on the volume's grid, in NIfTI order (i fastest), for a segmentation file in its geometry. */
   labels: Uint8Array;
   volume: RawNiftiVolume;
+  /** With `sliceOverlays`: per slice, the mask in red over the slice on its own grid (rows i, columns j), as a PNG. */
+  slice_overlays_png?: Buffer[];
+}
+
+export interface VolumeRequest extends AnalyzeOptions {
+  /** Also return slice_overlays_png (for a viewer). Default: false. */
+  sliceOverlays?: boolean;
+}
+
+/**
+ * The grey levels of a volume for display: the 0.5th and 99.5th percentiles of its values (from an even sample of
+ * at most ~1M voxels), so that a few bright voxels do not darken every slice.
+ */
+function displayRange(volume: RawNiftiVolume): [number, number] {
+  const { raw, slope, inter } = volume;
+  const stride = Math.max(1, Math.floor(raw.length / 1_000_000));
+  const sample = new Float32Array(Math.ceil(raw.length / stride));
+  for (let i = 0, s = 0; i < raw.length; i += stride, s++) sample[s] = raw[i]! * slope + inter;
+  sample.sort();
+  const lo = sample[Math.floor(sample.length * 0.005)] ?? 0;
+  const hi = sample[Math.min(sample.length - 1, Math.floor(sample.length * 0.995))] ?? 1;
+  return [lo, hi > lo ? hi : lo + 1];
+}
+
+/** Slice k of the volume as 8-bit grey in the slice layout of analyzeVolume's planes (plane[i * ny + j]). */
+function sliceGrey(volume: RawNiftiVolume, k: number, [lo, hi]: [number, number]): Uint8Array {
+  const [nx, ny] = volume.dims;
+  const { raw, slope, inter } = volume;
+  const grey = new Uint8Array(nx * ny);
+  const scale = 255 / (hi - lo);
+  for (let j = 0; j < ny; j++) {
+    const row = nx * (j + ny * k);
+    for (let i = 0; i < nx; i++) grey[i * ny + j] = Math.max(0, Math.min(255, Math.round((raw[row + i]! * slope + inter - lo) * scale)));
+  }
+  return grey;
 }
 
 /**
@@ -203,7 +211,7 @@ export interface VolumeAnalysis {
  * resized back to the slice's grid, thresholded and cleaned of small objects per slice; the tumour volume in ml
  * from the voxel size.
  */
-export async function analyzeVolume(model: UNetModel, bytes: Uint8Array, name: string, { imageSize, threshold = 0.5, minObjectSize = 50 }: AnalyzeOptions): Promise<VolumeAnalysis> {
+export async function analyzeVolume(model: UNetModel, bytes: Uint8Array, name: string, { imageSize, threshold = 0.5, minObjectSize = 50, sliceOverlays = false }: VolumeRequest): Promise<VolumeAnalysis> {
   checkModel(model);
   const volume = await parseNiftiRaw(bytes, name);
   const [nx, ny, nz] = volume.dims;
@@ -212,6 +220,8 @@ export async function analyzeVolume(model: UNetModel, bytes: Uint8Array, name: s
   const labels = new Uint8Array(nx * ny * nz);
   const plane = new Uint8Array(nx * ny);
   const perSlice: SliceResult[] = [];
+  const range = sliceOverlays ? displayRange(volume) : null;
+  const overlays: Promise<Buffer>[] = [];
   let total = 0;
   for (let k = 0; k < nz; k++) {
     const probs = preds.native!.subarray(k * nx * ny, (k + 1) * nx * ny);
@@ -221,6 +231,8 @@ export async function analyzeVolume(model: UNetModel, bytes: Uint8Array, name: s
     for (let i = 0; i < nx; i++) for (let j = 0; j < ny; j++) if (plane[i * ny + j]) labels[i + nx * (j + ny * k)] = 1;
     perSlice.push({ slice_idx: k, tumor_probability: preds.cls[k]!, tumor_pixels: pixels });
     total += pixels;
+    // maskOverlayPng reads the plane before it returns, so the next slice may reuse it.
+    if (range) overlays.push(maskOverlayPng(sliceGrey(volume, k, range), plane, ny, nx));
   }
   const voxelMl = (Math.abs(volume.pixdim[0]) * Math.abs(volume.pixdim[1]) * Math.abs(volume.pixdim[2])) / 1000;
   return {
@@ -232,5 +244,6 @@ export async function analyzeVolume(model: UNetModel, bytes: Uint8Array, name: s
     tumor_volume_ml: total * voxelMl,
     labels,
     volume,
+    ...(range ? { slice_overlays_png: await Promise.all(overlays) } : {}),
   };
 }

@@ -22,6 +22,7 @@ export interface PhasesResult {
   phases: number;
 }
 
+// Declared in full, as every step is (define.ts): the same shape as its sibling steps' declarations by design.
 export const comparePhases = defineStep({
   name: 'compare_phases',
   queue: 'evaluate',

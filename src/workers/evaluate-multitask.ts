@@ -36,6 +36,7 @@ export async function recordReport(ctx: AppContext, { runId, step, name, file }:
   await recordArtifact(ctx.db, { runId, step, kind: 'report', path: file });
 }
 
+// Declared in full, as every step is (define.ts): the same shape as its sibling steps' declarations by design.
 export const evaluateMultitaskStep = defineStep({
   name: 'evaluate_multitask',
   queue: 'evaluate',

@@ -57,6 +57,7 @@ async function camPng(model: UNetModel, sample: Sample, batch: SliceBatch): Prom
   return overlayPng(grey, cam, brainOf(grey, sample.source), batch.size);
 }
 
+// Declared in full, as every step is (define.ts): the same shape as its sibling steps' declarations by design.
 export const generateGradcam = defineStep({
   name: 'generate_gradcam',
   queue: 'evaluate',
