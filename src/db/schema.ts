@@ -58,6 +58,7 @@ export const steps = pgTable(
   (t) => [primaryKey({ columns: [t.runId, t.name] })],
 );
 
+// The per-run tables below share their column shapes (run_id first, a natural key) by design: see store.ts's upserts.
 export const patients = pgTable(
   'patients',
   {

@@ -25,6 +25,8 @@ export class SliceWiseError extends Error {
   }
 }
 
+// The subclasses below are alike by design: each names what went wrong in its own fields, for the run record.
+
 /** Bad input data for one patient: names the patient and the file so the run record points at it. */
 export class PatientDataError extends SliceWiseError {
   readonly patientId: string;
