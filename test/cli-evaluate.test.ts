@@ -72,6 +72,9 @@ describe('slicewise pipeline --mode full, evaluate and retry', () => {
     expect(results.steps.compare_phases.status).toBe('success');
     const s1 = results.steps.train_stage1_seg_warmup;
     expect(s1.counts.epochs).toBe(2);
+    // Quick mode's two patients leave none for validation: stage 1 still trains, keeps its last epoch, and says so.
+    expect(results.steps.split_brats.counts.val).toBe(0);
+    expect(s1.counts.no_validation_last_epoch_kept).toBe(1);
   });
 
   it('evaluates the run\'s model on the real fixtures: both full-size patients in 3-D, and the Kaggle images', async () => {

@@ -92,6 +92,12 @@ export async function trainStage(
   );
   return {
     result: { kind: 'train', stage, bestMetric: result.bestMetric, bestEpoch: result.bestEpoch, checkpoint: result.bestDir },
-    counts: { epochs_run: result.epochsRun, best_epoch: result.bestEpoch, ...(result.resumedFrom ? { resumed_from_epoch: result.resumedFrom } : {}) },
+    counts: {
+      epochs_run: result.epochsRun,
+      best_epoch: result.bestEpoch,
+      ...(result.resumedFrom ? { resumed_from_epoch: result.resumedFrom } : {}),
+      // No validation figure to choose by (e.g. no validation patients): shown with the step's counts.
+      ...(result.bestDir === result.lastDir ? { no_validation_last_epoch_kept: 1 } : {}),
+    },
   };
 }
