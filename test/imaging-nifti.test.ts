@@ -3,13 +3,15 @@ import { existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { gzipSync } from 'node:zlib';
+import { gunzipSync, gzipSync } from 'node:zlib';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { parseNiftiRaw, readNifti, readNiftiRaw } from '../src/imaging/nifti.js';
+import { niftiHeaderBytes, parseNiftiRaw, readNifti, readNiftiRaw } from '../src/imaging/nifti.js';
+import { encodeLabelsLike, writeLabelsLike } from '../src/imaging/nifti-write.js';
 import { allocNpy, decodeNpy, encodeNpy, readNpy } from '../src/imaging/npy.js';
 import { DataFileError } from '../src/lib/errors.js';
-import { encodeNifti, writeNifti, type NiftiDatatype, type NiftiSpec } from './helpers/nifti-writer.js';
+import { encodeNifti, encodeNifti2, writeNifti, type NiftiDatatype, type NiftiSpec } from './helpers/nifti-writer.js';
+import { compareWithNibabel, indexSums, nibabelMissing } from './helpers/nibabel.js';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const FIXTURES = process.env.SLICEWISE_FIXTURES ?? path.resolve(here, '../../shared/fixtures');
@@ -385,5 +387,126 @@ describe('npy', () => {
     const v = decodeNpy(Buffer.concat([pre, Buffer.from(padded, 'latin1'), data]));
     expect(v.shape).toEqual([2]);
     expect(Array.from(v.data)).toEqual([1.25, -7]);
+  });
+});
+
+describe('encodeLabelsLike: a segmentation in the geometry of its input', () => {
+  // Distinct sizes and an asymmetric pattern, so that a swapped or flipped axis changes the index sums below.
+  const dims = [7, 5, 4];
+  const count = 7 * 5 * 4;
+  const labels = Uint8Array.from({ length: count }, (_, p) => {
+    const [i, j, k] = [p % 7, Math.floor(p / 7) % 5, Math.floor(p / 35)];
+    return (i * 3 + j * 5 + k * 7) % 4 === 0 && i < 5 ? 1 : 0;
+  });
+  // Oblique and anisotropic: 30 degrees about z, voxels 0.9 x 1.1 x 2.5 mm, an offset; a different qform (code 2).
+  const pixdim = [0.9, 1.1, 2.5];
+  const [c, s] = [Math.cos(Math.PI / 6), Math.sin(Math.PI / 6)];
+  const geometry: Pick<NiftiSpec, 'pixdim' | 'sform' | 'qform'> = {
+    pixdim,
+    sform: { code: 1, srow: [[c * 0.9, -s * 1.1, 0, -12.5], [s * 0.9, c * 1.1, 0, 30.25], [0, 0, 2.5, -7]] },
+    qform: { code: 2, quatern: [0, 0, 1], qfac: -1 },
+  };
+  const data = Array.from({ length: count }, (_, p) => (p % 11) - 3);
+  /** Header bytes encodeLabelsLike changes: datatype + bitpix, vox_offset + scl_slope + scl_inter, cal_max + cal_min, descrip. */
+  const CHANGED = [[70, 74], [108, 120], [124, 132], [148, 228]];
+  const changed = (o: number) => CHANGED.some(([a, b]) => o >= a && o < b);
+
+  /** What nibabel says, each geometry field equal to the input's, and the labels where we put them. */
+  function expectNibabelAgrees(input: string, output: string, endian: '<' | '>'): void {
+    if (nibabelMissing) {
+      console.log(`skipping the nibabel check of ${path.basename(output)}: ${nibabelMissing}`);
+      return;
+    }
+    const r = compareWithNibabel(input, output);
+    expect(r.output_shape).toEqual(r.input_shape);
+    expect(r).toMatchObject({ affine_equal: true, pixdim_equal: true, qform_equal: true, sform_equal: true, output_dtype: 'uint8', output_endian: endian, output_sizeof_hdr: 348 });
+    expect(r.qform_code[1]).toBe(r.qform_code[0]);
+    expect(r.sform_code[1]).toBe(r.sform_code[0]);
+    expect(r.xyzt_units[1]).toBe(r.xyzt_units[0]);
+    expect(r.axcodes[1]).toEqual(r.axcodes[0]);
+    expect(r.values).toEqual([0, 1]);
+    expect({ ones: r.ones, index_sums: r.index_sums }).toEqual(indexSums(labels, dims));
+    expect(r.descrip).toBe('SliceWise segmentation');
+  }
+
+  it('niftiHeaderBytes: the first 348 bytes of .nii and .nii.gz, inflating only the start', async () => {
+    const gz = await readFile(path.join(BRATS, 'pat0001', 'Flair_subtrMeanDivStd.nii.gz'));
+    const header = niftiHeaderBytes(gz, 'flair.nii.gz');
+    expect(header.equals(gunzipSync(gz).subarray(0, 348))).toBe(true);
+    const plain = encodeNifti({ dims, datatype: 'int16', data });
+    expect(niftiHeaderBytes(plain).equals(plain.subarray(0, 348))).toBe(true);
+    const two = encodeNifti2({ dims, datatype: 'int16', data, gzip: true });
+    expect(niftiHeaderBytes(two).equals(gunzipSync(two).subarray(0, 540))).toBe(true);
+    expect(() => niftiHeaderBytes(Buffer.from('not a volume at all'), 'x.nii')).toThrow(DataFileError);
+    expect(() => niftiHeaderBytes(Buffer.from([0x1f, 0x8b, 8, 0, 1, 2, 3, 4, 5, 6, 7]), 'x.nii.gz')).toThrow(/x\.nii\.gz: (gzip data is corrupt|not a NIfTI)/);
+  });
+
+  it('copies a little-endian NIfTI-1 header byte for byte but for the label fields, and writes .nii.gz atomically', async () => {
+    const input = path.join(tmp, 'labels-in-le.nii.gz');
+    await writeNifti(input, { dims: [...dims, 1], datatype: 'float32', data, gzip: true, sclSlope: 2, sclInter: 1, ...geometry });
+    const header = niftiHeaderBytes(await readFile(input), input);
+    const out = encodeLabelsLike(header, labels);
+    expect(out.length).toBe(352 + count);
+    for (let o = 0; o < 348; o++) if (!changed(o)) expect(out[o], `header byte ${o}`).toBe(header[o]);
+    expect(out.readInt16LE(70)).toBe(2); // uint8
+    expect(out.readInt16LE(72)).toBe(8);
+    expect([out.readFloatLE(108), out.readFloatLE(112), out.readFloatLE(116), out.readFloatLE(124), out.readFloatLE(128)]).toEqual([352, 1, 0, 1, 0]);
+    expect(out.subarray(148, 228).toString('latin1').replace(/\0+$/, '')).toBe('SliceWise segmentation');
+    expect(out.subarray(348, 352).equals(Buffer.alloc(4))).toBe(true); // no extensions
+    expect(out.subarray(352).equals(labels)).toBe(true);
+
+    const dir = path.join(tmp, 'labels-out');
+    const output = path.join(dir, 'seg.nii.gz');
+    await writeLabelsLike(output, header, labels);
+    expect(gunzipSync(await readFile(output)).equals(out)).toBe(true);
+    expect(await import('node:fs/promises').then((fs) => fs.readdir(dir))).toEqual(['seg.nii.gz']);
+    const [a, b] = [await readNiftiRaw(input), await readNiftiRaw(output)];
+    expect({ dims: b.dims, pixdim: b.pixdim, axisCodes: b.axisCodes, datatype: b.datatype }).toEqual({ dims: a.dims, pixdim: a.pixdim, axisCodes: a.axisCodes, datatype: 'uint8' });
+    expect(a.axisCodes).toBe('RAS');
+    expect(Array.from(b.raw)).toEqual(Array.from(labels));
+    expectNibabelAgrees(input, output, '<');
+  });
+
+  it('keeps a big-endian header big-endian', async () => {
+    const input = path.join(tmp, 'labels-in-be.nii');
+    await writeNifti(input, { dims, datatype: 'int16', data, bigEndian: true, ...geometry });
+    const header = niftiHeaderBytes(await readFile(input));
+    const out = encodeLabelsLike(header, labels);
+    expect(out.readInt32BE(0)).toBe(348);
+    for (let o = 0; o < 348; o++) if (!changed(o)) expect(out[o], `header byte ${o}`).toBe(header[o]);
+    expect([out.readInt16BE(70), out.readInt16BE(72), out.readFloatBE(108), out.readFloatBE(112)]).toEqual([2, 8, 352, 1]);
+    const output = path.join(tmp, 'labels-out-be.nii');
+    await writeLabelsLike(output, header, labels);
+    const [a, b] = [await readNiftiRaw(input), await readNiftiRaw(output)];
+    expect({ dims: b.dims, pixdim: b.pixdim, axisCodes: b.axisCodes }).toEqual({ dims: a.dims, pixdim: a.pixdim, axisCodes: a.axisCodes });
+    expect(Array.from(b.raw)).toEqual(Array.from(labels));
+    expectNibabelAgrees(input, output, '>');
+  });
+
+  it.each([false, true])('writes a NIfTI-2 input (big-endian: %s) as the equivalent NIfTI-1 image', async (bigEndian) => {
+    const input = path.join(tmp, `labels-in-n2-${bigEndian ? 'be' : 'le'}.nii`);
+    await writeFile(input, encodeNifti2({ dims, datatype: 'float32', data, bigEndian, ...geometry }));
+    const header = niftiHeaderBytes(await readFile(input));
+    expect(header.length).toBe(540);
+    const out = encodeLabelsLike(header, labels);
+    expect(bigEndian ? out.readInt32BE(0) : out.readInt32LE(0)).toBe(348);
+    expect(out.subarray(344, 348).toString('latin1')).toBe('n+1\0');
+    const output = path.join(tmp, `labels-out-n2-${bigEndian ? 'be' : 'le'}.nii.gz`);
+    await writeLabelsLike(output, header, labels);
+    const [a, b] = [await readNiftiRaw(input), await readNiftiRaw(output)];
+    expect(b.dims).toEqual(a.dims);
+    b.pixdim.forEach((v, i) => expect(v).toBeCloseTo(a.pixdim[i]!, 6));
+    expect(b.axisCodes).toBe(a.axisCodes);
+    expect(Array.from(b.raw)).toEqual(Array.from(labels));
+    expectNibabelAgrees(input, output, bigEndian ? '>' : '<');
+  });
+
+  it('refuses what it cannot write, saying why', () => {
+    const header = encodeNifti({ dims, datatype: 'int16', data }).subarray(0, 348);
+    expect(() => encodeLabelsLike(header, labels.subarray(1))).toThrow('139 labels given for an input of 7 x 5 x 4 (= 140) voxels');
+    expect(() => encodeLabelsLike(Buffer.from('hello world, not a header'), labels)).toThrow(/not a NIfTI header/);
+    expect(() => encodeLabelsLike(header.subarray(0, 200), labels)).toThrow(/has 200 bytes, a NIfTI-1 header 348/);
+    const wide = encodeNifti2({ dims: [40000, 1, 1], datatype: 'uint8', data: new Uint8Array(40000) }).subarray(0, 540);
+    expect(() => encodeLabelsLike(wide, new Uint8Array(40000))).toThrow("the NIfTI-2 input's dim[1] is 40000, which a NIfTI-1 header cannot hold");
   });
 });

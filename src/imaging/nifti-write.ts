@@ -121,3 +121,130 @@ export async function writeNifti(
   const bytes = file.toLowerCase().endsWith('.gz') ? await gzipAsync(encoded, { level: opts.gzipLevel ?? 6 }) : encoded;
   await writeFileAtomic(file, bytes);
 }
+
+/** What encodeLabelsLike writes into the header it copies; everything else is the input's. */
+export const LABELS_DESCRIPTION = 'SliceWise segmentation';
+
+const NIFTI2_HEADER_SIZE = 540;
+
+function labelsError(message: string, details?: Record<string, unknown>): SliceWiseError {
+  return new SliceWiseError(`encodeLabelsLike: ${message}`, { status: 422, code: 'nifti_write', details });
+}
+
+/** sizeof_hdr in either byte order: the header's size and endianness, or null. */
+function headerKind(h: Uint8Array): { size: 348 | 540; le: boolean } | null {
+  if (h.length < 4) return null;
+  const v = new DataView(h.buffer, h.byteOffset, h.byteLength);
+  for (const size of [NIFTI_HEADER_SIZE, NIFTI2_HEADER_SIZE] as const) {
+    if (v.getInt32(0, true) === size) return { size, le: true };
+    if (v.getInt32(0, false) === size) return { size, le: false };
+  }
+  return null;
+}
+
+/**
+ * A NIfTI-2 header (540 bytes) as the NIfTI-1 header (348 bytes) of the same image, in the same byte order:
+ * every field converted (doubles to float32, 64-bit integers to 16-bit ones), as nibabel does when it saves a
+ * NIfTI-2 image as NIfTI-1. Refused when a value does not fit (a dimension above 32767, say).
+ */
+function nifti2ToNifti1(src: Uint8Array, le: boolean): Buffer {
+  const s = new DataView(src.buffer, src.byteOffset, src.byteLength);
+  const out = Buffer.alloc(NIFTI_HEADER_SIZE);
+  const d = new DataView(out.buffer, out.byteOffset, out.byteLength);
+  const int16 = (field: string, value: number | bigint, at: number): void => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < -32768 || n > 32767) {
+      throw labelsError(`the NIfTI-2 input's ${field} is ${n}, which a NIfTI-1 header cannot hold (16 bits); such a volume is not supported`, { field, value: n });
+    }
+    d.setInt16(at, n, le);
+  };
+  const uint8 = (field: string, value: number, at: number): void => {
+    if (!Number.isInteger(value) || value < 0 || value > 255) throw labelsError(`the NIfTI-2 input's ${field} is ${value}, which a NIfTI-1 header cannot hold (8 bits)`, { field, value });
+    d.setUint8(at, value);
+  };
+  const f64to32 = (from: number, to: number): void => d.setFloat32(to, s.getFloat64(from, le), le);
+  const bytes = (from: number, to: number, n: number): void => out.set(src.subarray(from, from + n), to);
+
+  d.setInt32(0, NIFTI_HEADER_SIZE, le);
+  d.setUint8(38, 0x72); // regular = 'r'
+  d.setUint8(39, s.getUint8(524)); // dim_info
+  for (let i = 0; i < 8; i++) int16(`dim[${i}]`, s.getBigInt64(16 + 8 * i, le), 40 + 2 * i);
+  for (let i = 0; i < 3; i++) f64to32(80 + 8 * i, 56 + 4 * i); // intent_p1..3
+  int16('intent_code', s.getInt32(504, le), 68);
+  int16('slice_start', s.getBigInt64(224, le), 74);
+  for (let i = 0; i < 8; i++) f64to32(104 + 8 * i, 76 + 4 * i); // pixdim
+  int16('slice_end', s.getBigInt64(232, le), 120);
+  uint8('slice_code', s.getInt32(496, le), 122);
+  uint8('xyzt_units', s.getInt32(500, le), 123);
+  f64to32(208, 132); // slice_duration
+  f64to32(216, 136); // toffset
+  bytes(320, 228, 24); // aux_file
+  int16('qform_code', s.getInt32(344, le), 252);
+  int16('sform_code', s.getInt32(348, le), 254);
+  for (let i = 0; i < 6; i++) f64to32(352 + 8 * i, 256 + 4 * i); // quatern_b/c/d, qoffset_x/y/z
+  for (let i = 0; i < 12; i++) f64to32(400 + 8 * i, 280 + 4 * i); // srow_x/y/z
+  bytes(508, 328, 16); // intent_name
+  // datatype, bitpix, vox_offset, scaling, cal_*, descrip and magic are set by encodeLabelsLike.
+  return out;
+}
+
+/**
+ * A segmentation in the geometry of the image it was computed from: a single-file NIfTI-1 uint8 volume whose
+ * header is `inputHeader` (the input's first 348 bytes, or 540 for NIfTI-2: see niftiHeaderBytes in nifti.ts)
+ * with only datatype (uint8), bitpix (8), scl_slope (1), scl_inter (0), vox_offset (352), cal_min (0), cal_max (1)
+ * and descrip changed, and no extensions. dim, pixdim, qform_code, quatern_*, qoffset_*, sform_code, srow_*,
+ * xyzt_units and the rest are the input's, so the file lies exactly over the input in ITK-SNAP or 3D Slicer.
+ *
+ * The byte order is the input's (a big-endian header is copied as it is and its changed fields written
+ * big-endian; uint8 voxels have no byte order). A NIfTI-2 input gets the equivalent NIfTI-1 header (float32
+ * geometry), refused when a value does not fit one. `labels` holds one value per voxel in NIfTI order (i fastest).
+ */
+export function encodeLabelsLike(inputHeader: Uint8Array, labels: Uint8Array, { description = LABELS_DESCRIPTION }: { description?: string } = {}): Buffer {
+  const kind = headerKind(inputHeader);
+  if (!kind) throw labelsError('the input header is not a NIfTI header (sizeof_hdr is neither 348 nor 540 in either byte order)');
+  if (inputHeader.length < kind.size) throw labelsError(`the input header has ${inputHeader.length} bytes, a NIfTI-${kind.size === NIFTI_HEADER_SIZE ? 1 : 2} header ${kind.size}`);
+  const { le } = kind;
+  let header: Buffer;
+  if (kind.size === NIFTI_HEADER_SIZE) {
+    const magic = Buffer.from(inputHeader.subarray(344, 348)).toString('latin1');
+    if (magic !== 'n+1\0' && magic !== 'ni1\0') throw labelsError(`the input header has no NIfTI-1 magic ("n+1" or "ni1"), found ${JSON.stringify(magic)}`);
+    header = Buffer.from(inputHeader.subarray(0, NIFTI_HEADER_SIZE));
+  } else {
+    const magic = Buffer.from(inputHeader.subarray(4, 8)).toString('latin1');
+    if (magic !== 'n+2\0' && magic !== 'ni2\0') throw labelsError(`the input header has no NIfTI-2 magic ("n+2" or "ni2"), found ${JSON.stringify(magic)}`);
+    header = nifti2ToNifti1(inputHeader, le);
+  }
+  const h = new DataView(header.buffer, header.byteOffset, header.byteLength);
+  const ndim = h.getInt16(40, le);
+  if (!(ndim >= 1 && ndim <= 7)) throw labelsError(`the input header's dim[0] is ${ndim}, expected 1 to 7`);
+  let voxels = 1;
+  for (let i = 1; i <= ndim; i++) voxels *= h.getInt16(40 + 2 * i, le);
+  if (labels.length !== voxels) {
+    const dims = Array.from({ length: ndim }, (_, i) => h.getInt16(42 + 2 * i, le));
+    throw labelsError(`${labels.length} labels given for an input of ${dims.join(' x ')} (= ${voxels}) voxels`, { dims, length: labels.length });
+  }
+
+  h.setInt16(70, NIFTI_DT.uint8, le); // datatype
+  h.setInt16(72, 8, le); // bitpix
+  h.setFloat32(108, NIFTI_VOX_OFFSET, le); // vox_offset
+  h.setFloat32(112, 1, le); // scl_slope
+  h.setFloat32(116, 0, le); // scl_inter
+  h.setFloat32(124, 1, le); // cal_max
+  h.setFloat32(128, 0, le); // cal_min
+  header.fill(0, 148, 228);
+  writeAscii(header, 148, 80, description);
+  header.write('n+1\0', 344, 'latin1'); // single file (the input's own magic, or its NIfTI-1 equivalent)
+
+  const out = Buffer.alloc(NIFTI_VOX_OFFSET + voxels);
+  header.copy(out, 0);
+  // Bytes 348..351: the extension flag, zero: no extensions.
+  out.set(labels, NIFTI_VOX_OFFSET);
+  return out;
+}
+
+/** encodeLabelsLike, gzipped when the name ends with `.gz`, written atomically. */
+export async function writeLabelsLike(file: string, inputHeader: Uint8Array, labels: Uint8Array, opts: { description?: string; gzipLevel?: number } = {}): Promise<void> {
+  const encoded = encodeLabelsLike(inputHeader, labels, opts);
+  const bytes = file.toLowerCase().endsWith('.gz') ? await gzipAsync(encoded, { level: opts.gzipLevel ?? 6 }) : encoded;
+  await writeFileAtomic(file, bytes);
+}

@@ -6,7 +6,7 @@
  * converts element types natively, instead of per-voxel DataView calls.
  */
 import { readFile } from 'node:fs/promises';
-import { gunzip } from 'node:zlib';
+import { constants as zlibConstants, gunzip, gunzipSync } from 'node:zlib';
 import { promisify } from 'node:util';
 import * as nifti from 'nifti-reader-js';
 import { DataFileError } from '../lib/errors.js';
@@ -142,6 +142,32 @@ export async function parseNiftiRaw(bytes: Uint8Array, name = '<upload>'): Promi
   const buf = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   // Inflating makes a fresh buffer; plain bytes are copied because decoding may byte-swap them in place.
   return inflateAndDecode(isGzip(buf) ? buf : Buffer.from(buf), name);
+}
+
+/**
+ * The header of a NIfTI image in memory (.nii or .nii.gz bytes), unparsed: its first 348 bytes (NIfTI-1) or 540
+ * (NIfTI-2), inflating only the start of a gzip stream. For writers that copy the input's geometry
+ * (nifti-write.ts, encodeLabelsLike). `name` stands for the file in error messages.
+ */
+export function niftiHeaderBytes(bytes: Uint8Array, name = '<upload>'): Buffer {
+  let head = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (isGzip(head)) {
+    const gz = head;
+    // Inflate a growing prefix of the stream; a truncated prefix is fine with a sync flush at its end.
+    for (let n = 1024; ; n *= 4) {
+      try {
+        head = gunzipSync(gz.subarray(0, n), { finishFlush: zlibConstants.Z_SYNC_FLUSH });
+      } catch (err) {
+        throw new DataFileError(name, `gzip data is corrupt or truncated: ${(err as Error).message}`, { cause: err });
+      }
+      if (head.length >= NIFTI2_HEADER_BYTES || n >= gz.length) break;
+    }
+  }
+  const size = head.length >= 4 ? [head.readInt32LE(0), head.readInt32BE(0)] : [];
+  const want = size.includes(NIFTI1_HEADER_BYTES) ? NIFTI1_HEADER_BYTES : size.includes(NIFTI2_HEADER_BYTES) ? NIFTI2_HEADER_BYTES : 0;
+  if (!want) throw new DataFileError(name, 'not a NIfTI file (sizeof_hdr is neither 348 nor 540)');
+  if (head.length < want) throw new DataFileError(name, `not a NIfTI file: only ${head.length} bytes, its header alone is ${want}`);
+  return Buffer.from(head.subarray(0, want));
 }
 
 /** `raw` must be ours to change (see decodeNifti). */

@@ -100,3 +100,61 @@ export async function writeNifti(path: string, spec: NiftiSpec): Promise<string>
   await writeFile(path, encodeNifti(spec));
   return path;
 }
+
+/**
+ * Encode a NIfTI-2 .nii (or .nii.gz) image: 540-byte header (nifti2.h: 64-bit dims, double geometry), 4 extension
+ * bytes (none), voxels from byte 544. Same spec as encodeNifti; the geometry defaults are the same too.
+ */
+export function encodeNifti2(spec: NiftiSpec): Buffer {
+  const { code, bytes } = CODES[spec.datatype];
+  const le = !spec.bigEndian;
+  const count = spec.dims.reduce((a, b) => a * b, 1);
+  if (spec.data.length !== count) throw new Error(`encodeNifti2: dims ${spec.dims.join('x')} hold ${count} voxels, data has ${spec.data.length}`);
+  const voxOffset = 544;
+  const buf = Buffer.alloc(voxOffset + count * bytes);
+  const v = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  v.setInt32(0, 540, le); // sizeof_hdr
+  buf.write('n+2\0\r\n\x1a\n', 4, 'latin1'); // magic
+  v.setInt16(12, spec.datatypeCodeOverride ?? code, le);
+  v.setInt16(14, bytes * 8, le); // bitpix
+  v.setBigInt64(16, BigInt(spec.dims.length), le); // dim[0]
+  for (let i = 0; i < 7; i++) v.setBigInt64(24 + 8 * i, BigInt(spec.dims[i] ?? 1), le);
+  const pixdim = spec.pixdim ?? [];
+  v.setFloat64(104, spec.qform?.qfac ?? 1, le); // pixdim[0] = qfac
+  for (let i = 0; i < 7; i++) v.setFloat64(112 + 8 * i, pixdim[i] ?? 1, le);
+  v.setBigInt64(168, BigInt(voxOffset), le);
+  v.setFloat64(176, spec.sclSlope ?? 0, le);
+  v.setFloat64(184, spec.sclInter ?? 0, le);
+  buf.write('slicewise test volume (NIfTI-2)', 240, 'latin1'); // descrip
+  v.setInt32(344, spec.qform?.code ?? 0, le); // qform_code
+  v.setInt32(348, spec.sform?.code ?? 1, le); // sform_code
+  const [qb, qc, qd] = spec.qform?.quatern ?? [0, 0, 0];
+  v.setFloat64(352, qb, le);
+  v.setFloat64(360, qc, le);
+  v.setFloat64(368, qd, le);
+  const srow = spec.sform?.srow ?? [
+    [pixdim[0] ?? 1, 0, 0, 0],
+    [0, pixdim[1] ?? 1, 0, 0],
+    [0, 0, pixdim[2] ?? 1, 0],
+  ];
+  for (let r = 0; r < 3; r++) for (let c = 0; c < 4; c++) v.setFloat64(400 + 32 * r + 8 * c, srow[r][c] ?? 0, le);
+  v.setInt32(500, 2 | 8, le); // xyzt_units: mm, s
+  // bytes 540..543: extension flag, all zero
+
+  const d = spec.data;
+  for (let i = 0; i < count; i++) {
+    const x = d[i];
+    const o = voxOffset + i * bytes;
+    switch (spec.datatype) {
+      case 'uint8': v.setUint8(o, x); break;
+      case 'int8': v.setInt8(o, x); break;
+      case 'int16': v.setInt16(o, x, le); break;
+      case 'uint16': v.setUint16(o, x, le); break;
+      case 'int32': v.setInt32(o, x, le); break;
+      case 'uint32': v.setUint32(o, x, le); break;
+      case 'float32': v.setFloat32(o, x, le); break;
+      case 'float64': v.setFloat64(o, x, le); break;
+    }
+  }
+  return spec.gzip ? gzipSync(buf, { level: spec.gzipLevel ?? 6 }) : buf;
+}
