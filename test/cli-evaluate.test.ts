@@ -4,7 +4,7 @@
  * 240 x 240 x 155 volumes), and `slicewise retry` of one step.
  */
 import { spawn } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -109,6 +109,41 @@ describe('slicewise pipeline --mode full, evaluate and retry', () => {
     expect(kaggle.confusion.tp + kaggle.confusion.fp + kaggle.confusion.tn + kaggle.confusion.fn).toBe(kaggle.n);
     expect(out).toContain('per patient, 3-D');
     expect(out).toContain('pat0005');
+  });
+
+  it('serves the run\'s model with --mode demo until it is told to stop', async () => {
+    const env = { ...process.env };
+    delete env.REDIS_URL;
+    delete env.DATABASE_URL;
+    const p = spawn(process.execPath, [BIN, 'pipeline', '--mode', 'demo', '--from-run', runId, '--port', '0', '--data-dir', 'data'], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    p.stdout.on('data', (d) => (out += d));
+    p.stderr.on('data', (d) => (out += d));
+    try {
+      const deadline = Date.now() + 60_000;
+      while (!/Demo page (http:\/\/\S+)\/ui\/demo/.test(out)) {
+        if (Date.now() > deadline || p.exitCode !== null) throw new Error(`the demo did not start:\n${out}`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      const base = /Demo page (http:\/\/\S+)\/ui\/demo/.exec(out)![1]!;
+      const info = await (await fetch(`${base}/model/info`)).json();
+      expect(info.run_id).toBe(runId);
+      expect(info.checkpoint.sha256).toMatch(/^[0-9a-f]{64}$/);
+      const yes = join(FIXTURES, 'kaggle-navoneel', 'yes');
+      const image = (await readdir(yes))[0]!;
+      const form = new FormData();
+      form.append('file', new Blob([await readFile(join(yes, image))]), image);
+      const res = await fetch(`${base}/predict_multitask`, { method: 'POST', body: form });
+      expect(res.status).toBe(200);
+      const body = await res.json();
+      expect(body.classification.tumor_probability).toBeGreaterThanOrEqual(0);
+      expect(body.classification.tumor_probability).toBeLessThanOrEqual(1);
+      p.kill('SIGTERM');
+      const code = await new Promise((r) => p.once('exit', r));
+      expect(code).toBe(0);
+    } finally {
+      if (p.exitCode === null) p.kill('SIGKILL');
+    }
   });
 
   it('runs one step of the finished run again', async () => {

@@ -77,9 +77,12 @@ describe('slicewise CLI', () => {
     expect(out).toContain('cannot reach Redis at redis://127.0.0.1:1');
   });
 
-  it('a mode whose steps are not built yet says so instead of half-running', async () => {
-    const { code, out } = await run(['pipeline', '--mode', 'demo', '--image-size', '32'], { cwd, env: bareEnv() });
+  it('--mode demo with no trained model yet says how to make one', async () => {
+    const fresh = await mkdtemp(join(tmpdir(), 'slicewise-cli-'));
+    const { code, out } = await run(['pipeline', '--mode', 'demo', '--data-dir', 'data'], { cwd: fresh, env: bareEnv() });
+    await rm(fresh, { recursive: true, force: true });
     expect(code).toBe(1);
-    expect(out).toContain("mode 'demo' needs the demo steps");
+    expect(out).toContain('no trained model yet');
+    expect(out).toContain('slicewise pipeline --mode full');
   });
 });

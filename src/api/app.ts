@@ -5,6 +5,8 @@ import { HonoAdapter } from '@bull-board/hono';
 import { serveStatic } from '@hono/node-server/serve-static';
 import type { AppContext } from '../context.ts';
 import { pingDb } from '../db/client.ts';
+import type { DemoService } from '../serving/demo-service.ts';
+import { demoRoutes } from './demo.ts';
 import { errorResponse } from './errors.ts';
 import { runsRoutes } from './runs.ts';
 import { uiRoutes } from './ui.ts';
@@ -14,9 +16,11 @@ const BULL_BOARD_PATH = '/admin/queues';
 export interface ApiOptions {
   /** Mount Bull Board at /admin/queues. Default: true. */
   bullBoard?: boolean;
+  /** Serve the demo (its endpoints, /model/info and the page /ui/demo) with this model service. Default: none. */
+  demo?: DemoService;
 }
 
-export function createApp(ctx: AppContext, { bullBoard = true }: ApiOptions = {}) {
+export function createApp(ctx: AppContext, { bullBoard = true, demo }: ApiOptions = {}) {
   const app = new Hono();
   app.onError(errorResponse);
   app.notFound((c) => c.json({ error: { code: 'not_found', message: `no route for ${c.req.method} ${c.req.path}` } }, 404));
@@ -39,8 +43,9 @@ export function createApp(ctx: AppContext, { bullBoard = true }: ApiOptions = {}
   });
 
   app.route('/runs', runsRoutes(ctx));
+  if (demo) app.route('/', demoRoutes(demo));
   app.get('/', (c) => c.redirect('/ui'));
-  app.route('/ui', uiRoutes(ctx, { bullBoard: bullBoard ? BULL_BOARD_PATH : null }));
+  app.route('/ui', uiRoutes(ctx, { bullBoard: bullBoard ? BULL_BOARD_PATH : null, demo: demo ? { maxUploadBytes: demo.limits.maxUploadBytes } : null }));
 
   if (bullBoard) {
     const board = new HonoAdapter(serveStatic);

@@ -9,7 +9,7 @@ import { SliceWiseError } from '../lib/errors.ts';
 import { ListRunsQuery } from '../runs/input.ts';
 import { bullBoardLinks } from '../runs/reports.ts';
 import { listRuns } from '../runs/service.ts';
-import { runPageShell, runsListPage } from '../web/pages.ts';
+import { demoPageShell, runPageShell, runsListPage } from '../web/pages.ts';
 
 const WEB_DIR = fileURLToPath(new URL('../web/', import.meta.url));
 /** Chart.js's UMD build, from node_modules (pinned in package.json): our machines are offline, so no CDN. */
@@ -18,6 +18,7 @@ const CHART_JS = join(dirname(createRequire(import.meta.url).resolve('chart.js')
 /** The files of src/web a browser may fetch, by name. Nothing else in the folder is served. */
 const ASSETS: Record<string, string> = {
   'run.js': 'text/javascript; charset=utf-8',
+  'demo.js': 'text/javascript; charset=utf-8',
   'style.css': 'text/css; charset=utf-8',
 };
 
@@ -25,19 +26,30 @@ const RunIdParam = z.object({ id: z.string().min(1).max(200) });
 
 let chartJs: Promise<Uint8Array<ArrayBuffer>> | undefined;
 
-/** The web UI: the runs list at /ui, a run's page at /ui/runs/:id, and the static files they load. */
-export function uiRoutes(ctx: AppContext, { bullBoard }: { bullBoard: string | null }) {
+export interface UiOptions {
+  /** Bull Board's base path, or null when the API has none. */
+  bullBoard: string | null;
+  /** The demo's upload limit when the API serves the demo (its page is /ui/demo), else null. */
+  demo?: { maxUploadBytes: number } | null;
+}
+
+/** The web UI: the runs list at /ui, a run's page at /ui/runs/:id, the demo at /ui/demo, and the static files they load. */
+export function uiRoutes(ctx: AppContext, { bullBoard, demo = null }: UiOptions) {
   return new Hono()
     .get('/', async (c) => {
       const q = ListRunsQuery.parse(c.req.query());
       const page = await listRuns(ctx, q);
-      return c.html(runsListPage({ ...page, status: q.status, bullBoard }));
+      return c.html(runsListPage({ ...page, status: q.status, bullBoard, demo: Boolean(demo) }));
+    })
+    .get('/demo', (c) => {
+      if (!demo) throw new SliceWiseError('this server does not serve the demo: start it with `slicewise pipeline --mode demo` or `slicewise api`', { status: 404, code: 'not_found' });
+      return c.html(demoPageShell({ maxUploadBytes: demo.maxUploadBytes, bullBoard }));
     })
     .get('/runs/:id', async (c) => {
       const { id } = RunIdParam.parse(c.req.param());
       // Also answers 404 (as a page) for an unknown run.
       const links = await bullBoardLinks(ctx, id, bullBoard ?? '');
-      return c.html(runPageShell({ runId: id, bullBoard: bullBoard ? { base: bullBoard, ...links } : null }));
+      return c.html(runPageShell({ runId: id, bullBoard: bullBoard ? { base: bullBoard, ...links } : null, demo: Boolean(demo) }));
     })
     .get('/assets/:file', async (c) => {
       const file = c.req.param('file');

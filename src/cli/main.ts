@@ -13,6 +13,7 @@ import { EVAL_STEPS } from '../runs/modes.ts';
 import type { RunRow } from '../db/schema.ts';
 import { commandLineOverrides } from '../config/overrides.ts';
 import { formatEvaluation, formatPhases } from './evaluation-table.ts';
+import { DemoService } from '../serving/demo-service.ts';
 import { getRunRow } from '../runs/store.ts';
 import { startWorkers, type WorkerHost } from '../workers/host.ts';
 import { followRun, painter } from './follow.ts';
@@ -125,6 +126,43 @@ async function runToEnd(
   }
 }
 
+function demoLimits(maxUploadMb: number | undefined) {
+  return maxUploadMb ? { maxUploadBytes: maxUploadMb * 1024 * 1024 } : {};
+}
+
+/**
+ * `slicewise pipeline --mode demo`: serves the final model of the newest succeeded full/train-eval run (or
+ * --from-run's) on the API's port: the page, the original's prediction endpoints and /model/info. The model is
+ * loaded before the port opens, so a missing one is an error now, not on the first upload.
+ */
+async function serveDemo({ dataDir, port, fromRun, maxUploadMb }: { dataDir: string; port: number; fromRun?: string; maxUploadMb?: number }): Promise<void> {
+  const rt = await openRuntime({ dataDir, say, logLevel: env().logLevel ?? 'warn' });
+  const demo = new DemoService({ db: rt.ctx.db, fromRun, limits: demoLimits(maxUploadMb) });
+  let model;
+  try {
+    model = await demo.model();
+  } catch (err) {
+    await rt.close();
+    throw err;
+  }
+  const api = await listen(createApp(rt.ctx, { demo }), port, '127.0.0.1');
+  const m = model.info;
+  say(paint('green', `Serving run ${m.run_id}'s final model (${m.preset ?? 'custom'} preset, ${m.image_size} px, weights sha256 ${m.checkpoint.sha256.slice(0, 12)}) on ${model.pool.size} thread(s)`));
+  say(paint('green', `Demo page ${api.url}/ui/demo  ·  POST ${api.url}/predict_multitask  ·  ${api.url}/model/info`));
+  onSignals(
+    () => 'stopping the demo server',
+    async () => {
+      await api.close();
+      await demo.close();
+      await rt.close();
+    },
+    async () => {
+      await demo.close();
+      await rt.close();
+    },
+  );
+}
+
 program
   .command('pipeline')
   .description('create a run and follow it to the end (the original run_full_pipeline.py); writes pipeline_results.json here')
@@ -140,10 +178,12 @@ program
   .option('--seed <n>', 'seed for subsets, slice sampling and splits (default 42)', int('--seed'))
   .option('--config <file>', 'a YAML layer over configs/ (same keys as configs/base.yaml)')
   .option('--set <key=value>', 'one setting, e.g. training.epochs=10 or data.splits.train=0.8 (repeatable; wins over --config)', collect, [])
-  .option('--from-run <id>', 'train-eval: the run whose prepared data to train on (default: the latest that succeeded)')
-  .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port)', int('--port'), 0)
+  .option('--from-run <id>', 'train-eval: the run whose prepared data to train on; demo: the run whose model to serve (default: the latest that succeeded)')
+  .option('--port <n>', 'port for the in-process API and Bull Board (0: any free port; the demo: 8787)', int('--port'), 0)
+  .option('--max-upload <mb>', 'demo: the largest upload, in MB (default 64)', int('--max-upload', 1))
   .option('--no-workers', 'do not run workers in this process (others consume the queues)')
   .action(async (o) => {
+    if (o.mode === 'demo') return serveDemo({ dataDir: o.dataDir, port: o.port || 8787, fromRun: o.fromRun, maxUploadMb: o.maxUpload });
     const data: Record<string, unknown> = {};
     if (o.maxPatients !== undefined) data.max_patients = o.maxPatients;
     if (o.imageSize !== undefined) data.image_size = o.imageSize;
@@ -202,28 +242,49 @@ program
   });
 
 program
+  .command('predict')
+  .description("a finished run's final model on images (JPEG/PNG) and NIfTI volumes: predictions.csv/json, mask and Grad-CAM PNGs, segmentation NIfTIs in the input's geometry")
+  .requiredOption('--run <id>', 'the run whose final model (stage 3 best checkpoint) predicts')
+  .requiredOption('--input <file-or-dir>', 'an image, a .nii/.nii.gz volume, or a folder of them (searched recursively)')
+  .option('--brats-layout <spec>', "--input is a folder of patients: modality=pattern pairs (e.g. flair=Flair_*.nii.gz), or 'official' for BraTS file names; the model's modality is read")
+  .option('--out <dir>', 'output folder', 'predictions')
+  .option('--threshold <p>', "a pixel is tumour above this probability (default: the run's evaluation threshold, 0.5)", Number)
+  .option('--data-dir <dir>', 'the data dir the run was made in (its embedded database)', 'data')
+  .action(async (o) => {
+    const { predictFiles } = await import('./predict.ts');
+    const summary = await predictFiles({ runId: o.run, input: o.input, out: o.out, dataDir: o.dataDir, threshold: o.threshold, bratsLayout: o.bratsLayout, say });
+    process.exitCode = summary.failed.length ? 1 : 0;
+  });
+
+program
   .command('api')
   .description('serve the REST API and Bull Board')
   .option('--port <n>', 'port', int('--port'), env().port ?? 8787)
   .option('--host <host>', 'interface to bind', env().host ?? '127.0.0.1')
   .option('--data-dir <dir>', 'default data dir for runs', env().dataDir ?? 'data')
   .option('--with-workers', 'also consume the queues in this process', false)
+  .option('--max-upload <mb>', 'largest upload the demo takes, in MB (default 64)', int('--max-upload', 1))
   .action(async (o) => {
     const rt = await openRuntime({ dataDir: o.dataDir, say });
     if (rt.db.kind === 'pglite' && !o.withWorkers) {
       say(paint('yellow', 'Warning: embedded PGlite serves this process only; workers in other processes cannot record progress. Set DATABASE_URL or use --with-workers.'));
     }
     const host = o.withWorkers ? await startWorkers(rt.ctx) : undefined;
-    const api = await listen(createApp(rt.ctx), o.port, o.host);
-    say(paint('green', `API listening on ${api.url}  ·  Bull Board ${api.url}/admin/queues`));
+    // The demo's routes too: the model is found on the first request, so an API started before any training
+    // serves it as soon as a run has made one.
+    const demo = new DemoService({ db: rt.ctx.db, limits: demoLimits(o.maxUpload) });
+    const api = await listen(createApp(rt.ctx, { demo }), o.port, o.host);
+    say(paint('green', `API listening on ${api.url}  ·  run pages ${api.url}/ui  ·  demo ${api.url}/ui/demo  ·  Bull Board ${api.url}/admin/queues`));
     onSignals(
       () => `closing the API${host ? ` and finishing ${host.activeCount()} active job(s)` : ''}`,
       async () => {
         await api.close();
+        await demo.close();
         await host?.close(false);
         await rt.close();
       },
       async () => {
+        await demo.close();
         await host?.close(true);
         await rt.close();
       },

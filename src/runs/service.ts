@@ -39,9 +39,9 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   }
   const stepNames = stepsForMode(req.mode);
   if (stepNames.length === 0) {
-    throw new SliceWiseError(`mode '${req.mode}' needs the demo steps, which this version does not have yet; use --mode full, data-only or train-eval`, {
-      status: 501,
-      code: 'mode_not_implemented',
+    throw new SliceWiseError(`mode '${req.mode}' is not a run: it serves a trained model (slicewise pipeline --mode demo, or this API's /predict_multitask and /ui/demo); use --mode full, data-only or train-eval to make one`, {
+      status: 400,
+      code: 'not_a_run',
     });
   }
   const dataRunId = req.mode === 'train-eval' ? await resolveDataRun(ctx, req.fromRun) : null;

@@ -11,11 +11,13 @@ export interface DemoLimits {
   maxUploadBytes: number;
   /** Largest decoded image, in pixels (width x height). Default: 50 million. */
   maxImagePixels: number;
+  /** Largest volume, in voxels (its header's dimensions, checked before inflating). Default: 50 million. */
+  maxVolumeVoxels: number;
   /** Most files in one batch request. Default: 32. */
   maxBatchFiles: number;
 }
 
-export const DEFAULT_DEMO_LIMITS: DemoLimits = { maxUploadBytes: 64 * 1024 * 1024, maxImagePixels: 50_000_000, maxBatchFiles: 32 };
+export const DEFAULT_DEMO_LIMITS: DemoLimits = { maxUploadBytes: 64 * 1024 * 1024, maxImagePixels: 50_000_000, maxVolumeVoxels: 50_000_000, maxBatchFiles: 32 };
 
 export interface DemoServiceOptions {
   db: Db;

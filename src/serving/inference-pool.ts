@@ -7,8 +7,9 @@ import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { SliceWiseError } from '../lib/errors.ts';
+import type { BackendInfo } from '../model/engine.ts';
 import { reviveError, type SerializedError } from '../workers/step-threads.ts';
-import type { AnalyzeOptions, ImageAnalysis, ImageRequest, VolumeAnalysis } from './analyze.ts';
+import type { ImageAnalysis, ImageRequest, VolumeAnalysis, VolumeRequest } from './analyze.ts';
 
 const ENTRY = fileURLToPath(new URL('./inference-thread.mjs', import.meta.url));
 
@@ -20,10 +21,10 @@ export interface InferenceThreadData {
 
 export type InferenceRequest =
   | { op: 'image'; id: number; bytes: ArrayBuffer; name: string; request: ImageRequest }
-  | { op: 'volume'; id: number; bytes: ArrayBuffer; name: string; request: AnalyzeOptions };
+  | { op: 'volume'; id: number; bytes: ArrayBuffer; name: string; request: VolumeRequest };
 
 export type InferenceReply =
-  | { type: 'ready' }
+  | { type: 'ready'; backend: BackendInfo }
   | { type: 'failed'; error: SerializedError }
   | { type: 'done'; id: number; result: unknown }
   | { type: 'error'; id: number; error: SerializedError };
@@ -50,6 +51,8 @@ export class InferencePool {
   private closed = false;
   /** Resolves once every thread has loaded the model; rejects with the first thread's loading error. */
   readonly ready: Promise<void>;
+  /** The tfjs backend and device the threads run on (as the first thread to load reported it); null until ready. */
+  backend: BackendInfo | null = null;
 
   constructor({ checkpoint, size = availableParallelism(), kernelThreads = 1 }: InferencePoolOptions) {
     const starts: Promise<void>[] = [];
@@ -59,7 +62,10 @@ export class InferencePool {
       starts.push(
         new Promise<void>((resolve, reject) => {
           thread.on('message', (m: InferenceReply) => {
-            if (m.type === 'ready') return resolve();
+            if (m.type === 'ready') {
+              this.backend ??= m.backend;
+              return resolve();
+            }
             if (m.type === 'failed') return reject(reviveError(m.error));
             const p = slot.pending.get(m.id);
             if (!p) return;
@@ -106,7 +112,7 @@ export class InferencePool {
     return this.send((id) => ({ op: 'image', id, bytes: copy, name, request }), copy);
   }
 
-  volume(bytes: Uint8Array, name: string, request: AnalyzeOptions): Promise<VolumeResult> {
+  volume(bytes: Uint8Array, name: string, request: VolumeRequest): Promise<VolumeResult> {
     const copy = bytes.slice().buffer as ArrayBuffer;
     return this.send((id) => ({ op: 'volume', id, bytes: copy, name, request }), copy);
   }

@@ -12,13 +12,15 @@ import type { InferenceReply, InferenceRequest, InferenceThreadData } from './in
 
 const port = parentPort!;
 const { checkpoint, threads } = workerData as InferenceThreadData;
-const ready = (async () => {
-  await initBackend({ threads });
-  return (await loadModel(checkpoint)).model;
+const started = (async () => {
+  const backend = await initBackend({ threads });
+  return { backend, model: (await loadModel(checkpoint)).model };
 })();
+const ready = started.then((s) => s.model);
+ready.catch(() => {}); // reported below, and again to each request that awaits it
 // Reported once, at start: a checkpoint that cannot load is the pool's error, not each request's.
-ready.then(
-  () => port.postMessage({ type: 'ready' } satisfies InferenceReply),
+started.then(
+  ({ backend }) => port.postMessage({ type: 'ready', backend } satisfies InferenceReply),
   (err) => port.postMessage({ type: 'failed', error: serializeError(err) } satisfies InferenceReply),
 );
 

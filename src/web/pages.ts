@@ -10,7 +10,7 @@ type Html = HtmlEscapedString | Promise<HtmlEscapedString>;
 
 const RUN_STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 
-function layout(title: string, body: Html, { bullBoard, head }: { bullBoard: string | null; head?: Html }): Html {
+function layout(title: string, body: Html, { bullBoard, head, demo = false }: { bullBoard: string | null; head?: Html; demo?: boolean }): Html {
   return html`<!doctype html>
 <html lang="en">
   <head>
@@ -26,6 +26,7 @@ function layout(title: string, body: Html, { bullBoard, head }: { bullBoard: str
       <a class="brand" href="/ui">SliceWise</a>
       <nav>
         <a href="/ui">Runs</a>
+        ${demo ? html`<a href="/ui/demo" id="nav-demo">Demo</a>` : ''}
         ${bullBoard ? html`<a href="${bullBoard}">Queues (Bull Board)</a>` : ''}
         <a href="/healthz">Health</a>
       </nav>
@@ -56,6 +57,8 @@ export interface RunsListView {
   offset: number;
   status?: string;
   bullBoard: string | null;
+  /** The server serves the demo (/ui/demo). */
+  demo?: boolean;
 }
 
 /** The runs list: newest first, filter by status, paged. Refreshes itself while a run on it is still going. */
@@ -101,13 +104,15 @@ export function runsListPage(v: RunsListView): Html {
       ${v.offset + v.runs.length < v.total ? html`<a href="${qs({ status: v.status, offset: v.offset + v.limit })}">older →</a>` : ''}
     </p>`;
   // A whole-page refresh is enough for a list (the run page polls the API instead).
-  return layout('Runs', body, { bullBoard: v.bullBoard, head: active ? html`<meta http-equiv="refresh" content="5" />` : undefined });
+  return layout('Runs', body, { bullBoard: v.bullBoard, demo: v.demo, head: active ? html`<meta http-equiv="refresh" content="5" />` : undefined });
 }
 
 export interface RunPageBoot {
   runId: string;
   /** Bull Board: the base URL, each step's job and the run's queues; null when the API has no Bull Board. */
   bullBoard: { base: string; steps: Record<string, string>; queues: Record<string, string> } | null;
+  /** The server serves the demo (/ui/demo): the run's header links it. */
+  demo?: boolean;
 }
 
 /** The run page's shell: sections run.js fills from GET /runs/:id, /metrics, /evaluation and /artifacts. */
@@ -145,7 +150,45 @@ export function runPageShell(boot: RunPageBoot): Html {
     <script type="application/json" id="boot">${raw(bootJson)}</script>
     <script src="/ui/vendor/chart.umd.js"></script>
     <script type="module" src="/ui/assets/run.js"></script>`;
-  return layout(`Run ${boot.runId}`, body, { bullBoard: boot.bullBoard?.base ?? null });
+  return layout(`Run ${boot.runId}`, body, { bullBoard: boot.bullBoard?.base ?? null, demo: boot.demo });
+}
+
+export interface DemoPageBoot {
+  /** Largest upload, in bytes (the server's maxUploadBytes), to say so before sending. */
+  maxUploadBytes: number;
+  bullBoard: string | null;
+}
+
+/**
+ * The demo page's shell: demo.js fills the model's card from GET /model/info, sends an upload to
+ * /predict_multitask (one image) or /patient/analyze_stack (a NIfTI volume, or several images as slices) and shows
+ * the answer.
+ */
+export function demoPageShell(boot: DemoPageBoot): Html {
+  const bootJson = JSON.stringify(boot).replace(/</g, '\\u003c');
+  const mb = Math.floor(boot.maxUploadBytes / (1024 * 1024));
+  const body = html`
+    <section id="model" class="card"><h1>Demo</h1><p class="muted">loading the served model…</p></section>
+    <section class="card">
+      <h2>Upload</h2>
+      <form id="upload" class="upload">
+        <input type="file" id="file" name="file" multiple accept=".png,.jpg,.jpeg,.nii,.gz,image/png,image/jpeg" />
+        <label>threshold <input type="number" id="threshold" min="0" max="1" step="0.05" placeholder="model's" /></label>
+        <label>min object size <input type="number" id="min-object-size" min="0" step="1" value="50" /></label>
+        <button type="submit" id="analyze">Analyze</button>
+        <span id="status" class="muted" aria-live="polite"></span>
+      </form>
+      <p class="muted">
+        One PNG or JPEG image: its class, the tumour probability, the mask overlay (when p(tumour) ≥ 0.3) and the
+        Grad-CAM. A NIfTI volume (.nii, .nii.gz), or several images as the slices of one: every slice's mask and the
+        tumour volume. Up to ${mb} MB.
+      </p>
+    </section>
+    <div id="error" class="banner error" hidden></div>
+    <section id="result" class="card" hidden></section>
+    <script type="application/json" id="boot">${raw(bootJson)}</script>
+    <script type="module" src="/ui/assets/demo.js"></script>`;
+  return layout('Demo', body, { bullBoard: boot.bullBoard, demo: true });
 }
 
 export function errorPage(status: number, message: string, bullBoard: string | null = null): Html {

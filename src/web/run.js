@@ -167,6 +167,7 @@ function renderHeader(run) {
       el('a', { href: `${api}/metrics` }, 'metrics JSON'),
       el('a', { href: `${api}/evaluation` }, 'evaluation JSON'),
       bb?.steps.finalize ? el('a', { href: bb.steps.finalize, id: 'bull-board-run' }, "the run's flow in Bull Board") : null,
+      boot.demo ? el('a', { href: '/ui/demo', id: 'demo-link' }, 'the demo (try the served model)') : null,
       ...Object.entries(bb?.queues ?? {}).map(([q, url]) => el('a', { href: url }, `${q} queue`)),
     ),
   );

@@ -1,7 +1,7 @@
 /**
- * The run page in a real browser, on a real CI-size `full` run: the evaluation table shows what the database
- * holds, every training curve has one point per recorded epoch, the Grad-CAM images load. Screenshots go to
- * test-output/.
+ * The run page in a real browser, on a real CI-size `full` run (the suite's shared one, made by global-setup.ts):
+ * the evaluation table shows what the database holds, every training curve has one point per recorded epoch, the
+ * Grad-CAM images load. Screenshots go to test-output/.
  */
 import type { AddressInfo } from 'node:net';
 import { mkdir, writeFile } from 'node:fs/promises';
@@ -9,14 +9,14 @@ import { join } from 'node:path';
 import { serve, type ServerType } from '@hono/node-server';
 import { and, eq } from 'drizzle-orm';
 import type { Page } from 'playwright-core';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { artifacts, evaluations, metrics } from '../../src/db/schema.ts';
-import { QUEUE_NAMES } from '../../src/queues/names.ts';
-import { harness, json, postRun, waitForRun, type Harness } from '../helpers/services.ts';
+import type { Harness } from '../helpers/services.ts';
+import { attachHarness } from '../helpers/trained-run.ts';
 import { launchChromium } from './chromium.ts';
 
 const OUT = join(__dirname, '..', '..', 'test-output');
-const EPOCHS = 3;
+const EPOCHS = inject('sharedRun').epochs;
 const TRAIN_STEPS = ['train_stage1_seg_warmup', 'train_stage2_cls_head', 'train_stage3_joint'];
 
 /** The page's rule for figures: 3 decimals, integers as they are, a dash when missing. */
@@ -39,21 +39,8 @@ describe('the run page of a finished full run', () => {
   const pageErrors: string[] = [];
 
   beforeAll(async () => {
-    const t0 = Date.now();
-    // Every queue, so the run's evaluation steps are consumed too.
-    h = await harness('postgres', { workerOptions: { queues: [...QUEUE_NAMES] } });
-    const res = await postRun(h.app, {
-      mode: 'full',
-      trainingMode: 'quick',
-      sources: { brats: 'synthetic:4', kaggle: 'synthetic:12' },
-      overrides: { data: { image_size: 64, patients: { fraction: 1 } }, training: { epochs: EPOCHS, batch_size: 8 } },
-    });
-    expect(res.status).toBe(201);
-    runId = (await json(res)).run.id;
-    const done = await waitForRun(h.app, runId, 200_000);
-    expect(done.error ?? null).toBeNull();
-    expect(done.status).toBe('succeeded');
-    console.log(`full run ${runId} finished in ${((Date.now() - t0) / 1000).toFixed(0)} s`);
+    h = await attachHarness(inject('sharedRun'));
+    runId = inject('sharedRun').runId;
 
     server = serve({ fetch: h.app.fetch, port: 0, hostname: '127.0.0.1' });
     await new Promise<void>((r) => (server.listening ? r() : server.once('listening', () => r())));

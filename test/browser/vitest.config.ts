@@ -9,6 +9,8 @@ export default defineConfig({
   test: {
     root: fileURLToPath(new URL('../..', import.meta.url)),
     include: ['test/browser/**/*.browser.ts'],
+    // One CI-size full run for every file (the run page's and the demo's).
+    globalSetup: ['test/browser/global-setup.ts'],
     testTimeout: 240_000,
     hookTimeout: 240_000,
     fileParallelism: false,
