@@ -87,7 +87,10 @@ export async function trainStage(
     for (const f of await readdir(dir)) await recordArtifact(ctx.db, { runId: run.id, step, kind, path: join(dir, f) });
   }
   log(
-    `${step} of run ${run.id} done in ${((Date.now() - started) / 1000).toFixed(0)} s: best ${result.metricName} ${result.bestMetric.toFixed(4)} at epoch ${result.bestEpoch}` +
+    `${step} of run ${run.id} done in ${((Date.now() - started) / 1000).toFixed(0)} s: ` +
+      (Number.isFinite(result.bestMetric)
+        ? `best ${result.metricName} ${result.bestMetric.toFixed(4)} at epoch ${result.bestEpoch}`
+        : `no validation data gave a ${result.metricName}, so the last epoch (${result.bestEpoch}) is kept as the best`) +
       (result.resumedFrom ? ` (resumed after epoch ${result.resumedFrom})` : ''),
   );
   return {
@@ -96,8 +99,8 @@ export async function trainStage(
       epochs_run: result.epochsRun,
       best_epoch: result.bestEpoch,
       ...(result.resumedFrom ? { resumed_from_epoch: result.resumedFrom } : {}),
-      // No validation figure to choose by (e.g. no validation patients): shown with the step's counts.
-      ...(result.bestDir === result.lastDir ? { no_validation_last_epoch_kept: 1 } : {}),
+      // No validation figure to choose by (e.g. no validation patients): the newest epoch stood in as the best.
+      ...(Number.isFinite(result.bestMetric) ? {} : { no_validation_last_epoch_kept: 1 }),
     },
   };
 }
