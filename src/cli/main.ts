@@ -342,10 +342,11 @@ program
 
 program
   .command('bench')
-  .description('benchmarks (preprocessing per patient vs. the gunzip floor); figures also go to bench/results/')
-  .action(async () => {
+  .description('benchmarks: preprocessing vs. the gunzip floor, training steps, the demo vs. PyTorch; figures also go to bench/results/')
+  .option('--only <names>', 'comma-separated: preprocess, train-kernels, demo (default: all)')
+  .action(async (o) => {
     const { runBenchmarks } = await import('../../bench/index.ts');
-    await runBenchmarks();
+    await runBenchmarks({ only: o.only ? String(o.only).split(',').map((s) => s.trim()).filter(Boolean) : undefined });
   });
 
 program.parseAsync().catch((err: unknown) => {
