@@ -22,8 +22,9 @@ function describe(err: Error): { status: ContentfulStatusCode; error: ErrorBody 
   if ((err as { status?: number }).status === 400 || err.name === 'HTTPException') {
     return { status: ((err as { status?: number }).status ?? 400) as ContentfulStatusCode, error: { code: 'bad_request', message: err.message } };
   }
+  // The details (a query, a path, a stack) are for the operator's log, not for whoever sent the request.
   console.error(err);
-  return { status: 500, error: { code: 'internal', message: `internal error: ${err.message}` } };
+  return { status: 500, error: { code: 'internal', message: 'internal error; the server log has the details' } };
 }
 
 /**

@@ -1,5 +1,6 @@
 import { Readable } from 'node:stream';
 import { Hono } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
 import { z } from 'zod';
 import type { AppContext } from '../context.ts';
 import { CreateRunSchema, ListRunsQuery } from '../runs/input.ts';
@@ -18,16 +19,39 @@ async function jsonBody(req: Request): Promise<unknown> {
 }
 
 const IdempotencyKey = z.string().min(1).max(200).optional();
+/** Run ids are made by newRunId; anything else (a NUL, a path) is refused before it reaches a query. */
+const RunIdParam = z.object({ id: z.string().regex(/^[A-Za-z0-9._-]{1,100}$/, 'not a run id (letters, digits, ".", "_" and "-", at most 100)') }).loose();
 const ArtifactParams = z.object({ id: z.string().min(1), artifact: ArtifactIdSchema });
+/** Over HTTP the data dir is the operator's (the server's), never the caller's. */
+const CreateRunBody = CreateRunSchema.omit({ dataDir: true });
+/** A run request is a few hundred bytes; anything near this is not one. */
+const MAX_RUN_REQUEST_BYTES = 64 * 1024;
 
 export function runsRoutes(ctx: AppContext) {
   return new Hono()
-    .post('/', async (c) => {
-      const body = CreateRunSchema.parse(await jsonBody(c.req.raw));
+    .use('/:id', async (c, next) => {
+      RunIdParam.parse(c.req.param());
+      await next();
+    })
+    .use('/:id/*', async (c, next) => {
+      RunIdParam.parse(c.req.param());
+      await next();
+    })
+    .post(
+      '/',
+      bodyLimit({
+        maxSize: MAX_RUN_REQUEST_BYTES,
+        onError: () => {
+          throw new SliceWiseError(`a run request is at most ${MAX_RUN_REQUEST_BYTES / 1024} KB`, { status: 413, code: 'body_too_large' });
+        },
+      }),
+      async (c) => {
+      const body = CreateRunBody.parse(await jsonBody(c.req.raw));
       const key = IdempotencyKey.parse(c.req.header('Idempotency-Key') || undefined);
       const { run, created } = await createRun(ctx, body, { idempotencyKey: key });
       return c.json({ run, created }, created ? 201 : 200);
-    })
+      },
+    )
     .get('/', async (c) => {
       const q = ListRunsQuery.parse(c.req.query());
       return c.json(await listRuns(ctx, q));

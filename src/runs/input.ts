@@ -15,8 +15,13 @@ export const CreateRunSchema = z.strictObject({
       /** synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET. Default: synthetic. */
       brats: sourceString.default('synthetic'),
       kaggle: sourceString.default('synthetic'),
-      /** modality -> file pattern, as "flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz" or an object. */
-      bratsLayout: z.union([z.string().min(1), z.record(z.string(), z.string().min(1))]).optional(),
+      /** modality -> file pattern, as "flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz" or an object (checked alike). */
+      bratsLayout: z
+        .union([
+          z.string().min(1).max(2000),
+          z.record(z.string(), z.string().min(1)).refine((o) => Object.keys(o).length <= 16, 'at most 16 modalities'),
+        ])
+        .optional(),
     })
     .default({ brats: 'synthetic', kaggle: 'synthetic' }),
   skipDownload: z.boolean().default(false),

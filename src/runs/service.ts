@@ -49,8 +49,9 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   // Parse now so a bad source is a 400 at the door, not a failed job a minute later.
   const brats = formatSource(parseSource(req.sources.brats));
   const kaggle = formatSource(parseSource(req.sources.kaggle));
-  const bratsLayout = typeof req.sources.bratsLayout === 'string' ? parseLayout(req.sources.bratsLayout) : req.sources.bratsLayout;
-  if (bratsLayout && !bratsLayout.seg) throw new SliceWiseError('sources.bratsLayout needs a seg pattern', { status: 400, code: 'bad_layout' });
+  // The object form goes through the string form's checks: one validation for both.
+  const layoutSpec = typeof req.sources.bratsLayout === 'object' ? Object.entries(req.sources.bratsLayout).map(([k, v]) => `${k}=${v}`).join(',') : req.sources.bratsLayout;
+  const bratsLayout = layoutSpec === undefined ? undefined : parseLayout(layoutSpec);
   const sources: RunSources = { brats, kaggle, ...(bratsLayout ? { bratsLayout } : {}), skipDownload: req.skipDownload };
   const dataDir = resolve(req.dataDir ?? ctx.dataDir);
   const id = newRunId();
