@@ -283,6 +283,21 @@ describe('readNifti errors', () => {
     await expectDataFileError(readNifti(b), b, /not a NIfTI file: only 5 bytes/);
   });
 
+  it('a decompression bomb: a small .nii.gz that inflates far past what its header declares fails at once', async () => {
+    // An 8 x 8 x 8 uint8 header, followed by 256 MiB of zeros: about 250 KB gzipped.
+    const honest = encodeNifti({ dims: [8, 8, 8], datatype: 'uint8', data: new Uint8Array(512) });
+    const bomb = gzipSync(Buffer.concat([honest, Buffer.alloc(256 * 1024 * 1024)]), { level: 9 });
+    expect(bomb.length).toBeLessThan(1024 * 1024);
+    const before = process.memoryUsage().arrayBuffers;
+    await expect(parseNiftiRaw(bomb, 'bomb.nii.gz')).rejects.toThrow(/bomb\.nii\.gz: inflates to more than its header declares \(864 bytes\)/);
+    // It stopped near the declared size instead of inflating the quarter gigabyte.
+    expect(process.memoryUsage().arrayBuffers - before).toBeLessThan(64 * 1024 * 1024);
+    // A header that declares an impossible size is refused before inflating anything.
+    const huge = Buffer.from(honest);
+    for (const [k, v] of [[1, 32000], [2, 32000], [3, 32000]]) huge.writeInt16LE(v!, 40 + 2 * k!);
+    await expect(parseNiftiRaw(gzipSync(huge), 'huge.nii.gz')).rejects.toThrow(/huge\.nii\.gz: its header declares \d+ MiB of voxels/);
+  });
+
   it('corrupt gzip (random bytes after the gzip magic)', async () => {
     const file = path.join(tmp, 'corrupt.nii.gz');
     await writeFile(file, Buffer.concat([Buffer.from([0x1f, 0x8b, 0x08, 0x00, 0, 0, 0, 0, 0, 0x03]), randomBytes(4096)]));

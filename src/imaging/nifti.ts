@@ -5,6 +5,7 @@
  * faster than a JS inflater), and the voxel conversion uses typed-array views and TypedArray#set, which
  * converts element types natively, instead of per-voxel DataView calls.
  */
+import buffer from 'node:buffer';
 import { readFile } from 'node:fs/promises';
 import { constants as zlibConstants, gunzip, gunzipSync } from 'node:zlib';
 import { promisify } from 'node:util';
@@ -170,12 +171,42 @@ export function niftiHeaderBytes(bytes: Uint8Array, name = '<upload>'): Buffer {
   return Buffer.from(head.subarray(0, want));
 }
 
+/** Slack over the size a header declares: extensions and padding may follow it. */
+const INFLATE_SLACK = 1024 * 1024;
+
+/**
+ * The bytes a file's header says it holds (vox_offset + voxels x bytes per voxel), read from the header alone: a
+ * gzip stream is inflated only as far as that, so a small file that inflates to gigabytes (a decompression bomb)
+ * fails at once instead of filling memory.
+ */
+function declaredBytes(head: Buffer): number {
+  const nifti2 = head.length >= NIFTI2_HEADER_BYTES && (head.readInt32LE(0) === NIFTI2_HEADER_BYTES || head.readInt32BE(0) === NIFTI2_HEADER_BYTES);
+  const le = head.readInt32LE(0) === (nifti2 ? NIFTI2_HEADER_BYTES : NIFTI1_HEADER_BYTES);
+  const i16 = (o: number) => (le ? head.readInt16LE(o) : head.readInt16BE(o));
+  const i64 = (o: number) => Number(le ? head.readBigInt64LE(o) : head.readBigInt64BE(o));
+  const f32 = (o: number) => (le ? head.readFloatLE(o) : head.readFloatBE(o));
+  const dim = (k: number) => (nifti2 ? i64(16 + 8 * k) : i16(40 + 2 * k));
+  const ndim = Math.max(0, Math.min(7, dim(0)));
+  let voxels = 1;
+  for (let k = 1; k <= ndim; k++) voxels *= Math.max(1, dim(k));
+  const bitpix = nifti2 ? i16(14) : i16(72);
+  const offset = nifti2 ? i64(168) : f32(108);
+  return Math.max(0, offset) + voxels * Math.max(1, bitpix / 8);
+}
+
 /** `raw` must be ours to change (see decodeNifti). */
 async function inflateAndDecode(raw: Buffer, file: string): Promise<RawNiftiVolume> {
   if (isGzip(raw)) {
+    const declared = declaredBytes(niftiHeaderBytes(raw, file));
+    if (!(declared <= buffer.constants.MAX_LENGTH)) {
+      throw new DataFileError(file, `its header declares ${Math.round(declared / 2 ** 20)} MiB of voxels, more than one volume can hold in memory`);
+    }
     try {
-      raw = await gunzipAsync(raw, { chunkSize: gunzipChunkSize(raw) });
+      raw = await gunzipAsync(raw, { chunkSize: gunzipChunkSize(raw), maxOutputLength: Math.min(buffer.constants.MAX_LENGTH, declared + INFLATE_SLACK) });
     } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
+        throw new DataFileError(file, `inflates to more than its header declares (${declared} bytes): not a NIfTI volume, or a decompression bomb`, { cause: err });
+      }
       throw new DataFileError(file, `gzip data is corrupt or truncated: ${(err as Error).message}`, { cause: err });
     }
   }
