@@ -19,6 +19,7 @@ const CHART_JS = join(dirname(createRequire(import.meta.url).resolve('chart.js')
 const ASSETS: Record<string, string> = {
   'run.js': 'text/javascript; charset=utf-8',
   'demo.js': 'text/javascript; charset=utf-8',
+  'dom.js': 'text/javascript; charset=utf-8',
   'style.css': 'text/css; charset=utf-8',
 };
 

@@ -4,6 +4,8 @@
 // slider with the mask over each slice and the tumour volume. Plain DOM; every value goes in as text or an
 // attribute, never as HTML. body[data-state] is 'ready', 'busy', 'done' or 'error' (tests wait on it).
 
+import { el } from './dom.js';
+
 const boot = JSON.parse(document.getElementById('boot').textContent);
 const form = document.getElementById('upload');
 const input = document.getElementById('file');
@@ -11,17 +13,6 @@ const result = document.getElementById('result');
 const errorBox = document.getElementById('error');
 const statusLine = document.getElementById('status');
 
-/** el('td', {class: 'num'}, 'text', child, ...): attributes set as attributes, children as text or nodes. */
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v == null || v === false) continue;
-    if (k === 'dataset') Object.assign(e.dataset, v);
-    else e.setAttribute(k, v === true ? '' : String(v));
-  }
-  for (const c of children.flat()) if (c != null && c !== false) e.append(c instanceof Node ? c : String(c));
-  return e;
-}
 
 /** Figures to 3 decimals (as the run page shows them); '—' when missing. */
 function fmt(v, digits = 3) {

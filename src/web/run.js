@@ -7,6 +7,8 @@
 // poll into the server (one loop per open page) and hold a connection open through every proxy on the way.
 // Polling reuses the REST API as it is, survives an API restart, and costs one small request per 2 s.
 
+import { el } from './dom.js';
+
 const POLL_MS = 2000;
 const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
 const boot = JSON.parse(document.getElementById('boot').textContent);
@@ -54,17 +56,6 @@ const CHARTS = [
 // Small helpers
 // ---------------------------------------------------------------------------------------------------------
 
-/** el('td', {class: 'num'}, 'text', child, ...): attributes set as attributes, children as text or nodes. */
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v == null || v === false) continue;
-    if (k === 'dataset') Object.assign(e.dataset, v);
-    else e.setAttribute(k, v === true ? '' : String(v));
-  }
-  for (const c of children.flat()) if (c != null && c !== false) e.append(c instanceof Node ? c : String(c));
-  return e;
-}
 
 function fill(id, ...children) {
   const target = document.getElementById(id);
