@@ -10,26 +10,11 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { MultitaskEvaluation } from '../src/evaluation/report.ts';
 import { readNifti } from '../src/imaging/nifti.ts';
+import { BIN, bareEnv, runCli } from './helpers/cli.ts';
 import { FIXTURES } from './helpers/services.ts';
 
-const BIN = join(__dirname, '..', 'bin', 'slicewise.mjs');
 
-function run(args: string[], cwd: string): Promise<{ code: number | null; out: string; stdout: string }> {
-  const env = { ...process.env };
-  delete env.REDIS_URL;
-  delete env.DATABASE_URL;
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [BIN, ...args], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let stdout = '';
-    p.stdout.on('data', (d) => {
-      out += d;
-      stdout += d;
-    });
-    p.stderr.on('data', (d) => (out += d));
-    p.on('exit', (code) => resolve({ code, out, stdout }));
-  });
-}
+const run = (args: string[], cwd: string) => runCli(args, cwd);
 
 describe('slicewise pipeline --mode full, evaluate and retry', () => {
   let cwd: string;
@@ -112,10 +97,7 @@ describe('slicewise pipeline --mode full, evaluate and retry', () => {
   });
 
   it('serves the run\'s model with --mode demo until it is told to stop', async () => {
-    const env = { ...process.env };
-    delete env.REDIS_URL;
-    delete env.DATABASE_URL;
-    const p = spawn(process.execPath, [BIN, 'pipeline', '--mode', 'demo', '--from-run', runId, '--port', '0', '--data-dir', 'data'], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawn(process.execPath, [BIN, 'pipeline', '--mode', 'demo', '--from-run', runId, '--port', '0', '--data-dir', 'data'], { cwd, env: bareEnv(), stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     p.stdout.on('data', (d) => (out += d));
     p.stderr.on('data', (d) => (out += d));

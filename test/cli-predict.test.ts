@@ -4,7 +4,6 @@
  * a folder of patients through --brats-layout. The segmentation files are checked against their inputs with our
  * reader and with nibabel (an independent one).
  */
-import { spawn } from 'node:child_process';
 import { copyFile, mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,24 +12,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { niftiHeaderBytes, readNiftiRaw } from '../src/imaging/nifti.ts';
 import { compareWithNibabel, nibabelMissing } from './helpers/nibabel.ts';
 import { encodeNifti, encodeNifti2 } from './helpers/nifti-writer.ts';
+import { runCli } from './helpers/cli.ts';
 import { FIXTURES } from './helpers/services.ts';
 
-const BIN = join(__dirname, '..', 'bin', 'slicewise.mjs');
 const KAGGLE = join(FIXTURES, 'kaggle-navoneel');
 const BRATS = join(FIXTURES, 'brats2015-deepmedic');
 
-function run(args: string[], cwd: string): Promise<{ code: number | null; out: string }> {
-  const env = { ...process.env };
-  delete env.REDIS_URL;
-  delete env.DATABASE_URL;
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [BIN, ...args], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (out += d));
-    p.on('exit', (code) => resolve({ code, out }));
-  });
-}
+const run = (args: string[], cwd: string) => runCli(args, cwd);
 
 /** RFC 4180: quoted fields may hold commas, doubled quotes and line breaks. */
 function parseCsv(text: string): string[][] {

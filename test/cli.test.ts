@@ -1,28 +1,10 @@
-import { spawn } from 'node:child_process';
 import { mkdtemp, readFile, rm, symlink, mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { bareEnv, runCli } from './helpers/cli.ts';
 
-const BIN = join(__dirname, '..', 'bin', 'slicewise.mjs');
-
-function run(args: string[], { cwd, env }: { cwd: string; env?: NodeJS.ProcessEnv }): Promise<{ code: number | null; out: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [BIN, ...args], { cwd, env: env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (out += d));
-    p.on('exit', (code) => resolve({ code, out }));
-  });
-}
-
-/** The environment of a user who has set nothing: no REDIS_URL, no DATABASE_URL. */
-function bareEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
-  const env = { ...process.env, ...extra };
-  delete env.REDIS_URL;
-  delete env.DATABASE_URL;
-  return env;
-}
+const run = (args: string[], { cwd, env }: { cwd: string; env?: NodeJS.ProcessEnv }) => runCli(args, cwd, env ?? process.env);
 
 describe('slicewise CLI', () => {
   let cwd: string;

@@ -1,5 +1,7 @@
 /** Debian's Chromium driven by playwright-core, quiet and offline-safe, with a throwaway profile. */
 import { existsSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import { serve } from '@hono/node-server';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -23,5 +25,15 @@ export async function launchChromium(): Promise<{ context: BrowserContext; close
       await context.close();
       await rm(profile, { recursive: true, force: true });
     },
+  };
+}
+
+/** An app on a real port of the loopback address, for the browser to open. */
+export async function serveOnLoopback(fetch: (req: Request) => Response | Promise<Response>): Promise<{ base: string; close(): Promise<void> }> {
+  const server = serve({ fetch, port: 0, hostname: '127.0.0.1' });
+  await new Promise<void>((r) => (server.listening ? r() : server.once('listening', () => r())));
+  return {
+    base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    close: () => new Promise<void>((r) => server.close(() => r())),
   };
 }

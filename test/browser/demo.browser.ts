@@ -4,17 +4,15 @@
  * gives for the same file, and its mask overlay and Grad-CAM load; the real BraTS volume uploaded shows the tumour
  * volume the API gives, and the slider changes the slice shown. Screenshots go to test-output/.
  */
-import type { AddressInfo } from 'node:net';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { serve, type ServerType } from '@hono/node-server';
 import type { Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createApp } from '../../src/api/app.ts';
 import { DemoService } from '../../src/serving/demo-service.ts';
 import { FIXTURES, type Harness } from '../helpers/services.ts';
 import { attachHarness } from '../helpers/trained-run.ts';
-import { launchChromium } from './chromium.ts';
+import { launchChromium, serveOnLoopback } from './chromium.ts';
 
 const OUT = join(__dirname, '..', '..', 'test-output');
 const KAGGLE = join(FIXTURES, 'kaggle-navoneel');
@@ -23,7 +21,7 @@ const VOLUME = join(FIXTURES, 'brats2015-deepmedic', 'pat0001', 'Flair_subtrMean
 describe('the demo page', () => {
   let h: Harness & { runId: string };
   let demo: DemoService;
-  let server: ServerType;
+  let server: Awaited<ReturnType<typeof serveOnLoopback>> | undefined;
   let base: string;
   let browser: Awaited<ReturnType<typeof launchChromium>>;
   let page: Page;
@@ -43,9 +41,8 @@ describe('the demo page', () => {
     demo = new DemoService({ db: h.ctx.db });
     const app = createApp(h.ctx, { demo });
     await demo.model();
-    server = serve({ fetch: app.fetch, port: 0, hostname: '127.0.0.1' });
-    await new Promise<void>((r) => (server.listening ? r() : server.once('listening', () => r())));
-    base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    server = await serveOnLoopback(app.fetch);
+    base = server.base;
     browser = await launchChromium();
     page = await browser.context.newPage();
     page.on('pageerror', (e) => pageErrors.push(e.message));
@@ -55,7 +52,7 @@ describe('the demo page', () => {
 
   afterAll(async () => {
     await browser?.close();
-    await new Promise((r) => (server ? server.close(r) : r(null)));
+    await server?.close();
     await demo?.close();
     await h?.close();
   });

@@ -3,17 +3,15 @@
  * the evaluation table shows what the database holds, every training curve has one point per recorded epoch, the
  * Grad-CAM images load. Screenshots go to test-output/.
  */
-import type { AddressInfo } from 'node:net';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { serve, type ServerType } from '@hono/node-server';
 import { and, eq } from 'drizzle-orm';
 import type { Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { artifacts, evaluations, metrics } from '../../src/db/schema.ts';
 import type { Harness } from '../helpers/services.ts';
 import { attachHarness } from '../helpers/trained-run.ts';
-import { launchChromium } from './chromium.ts';
+import { launchChromium, serveOnLoopback } from './chromium.ts';
 
 const OUT = join(__dirname, '..', '..', 'test-output');
 const EPOCHS = inject('sharedRun').epochs;
@@ -31,7 +29,7 @@ function at(obj: unknown, path: string): unknown {
 
 describe('the run page of a finished full run', () => {
   let h: Harness;
-  let server: ServerType;
+  let server: Awaited<ReturnType<typeof serveOnLoopback>> | undefined;
   let base: string;
   let browser: Awaited<ReturnType<typeof launchChromium>>;
   let page: Page;
@@ -42,9 +40,8 @@ describe('the run page of a finished full run', () => {
     h = await attachHarness(inject('sharedRun'));
     runId = inject('sharedRun').runId;
 
-    server = serve({ fetch: h.app.fetch, port: 0, hostname: '127.0.0.1' });
-    await new Promise<void>((r) => (server.listening ? r() : server.once('listening', () => r())));
-    base = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    server = await serveOnLoopback(h.app.fetch);
+    base = server.base;
     browser = await launchChromium();
     page = await browser.context.newPage();
     page.on('pageerror', (e) => pageErrors.push(e.message));
@@ -54,7 +51,7 @@ describe('the run page of a finished full run', () => {
 
   afterAll(async () => {
     await browser?.close();
-    await new Promise((r) => (server ? server.close(r) : r(null)));
+    await server?.close();
     await h?.close();
   });
 

@@ -76,22 +76,7 @@ export function encodeNifti(spec: NiftiSpec): Buffer {
   buf.write('n+1\0', 344, 'latin1');
   // bytes 348..351: extension flag, all zero (no extension)
 
-  const d = spec.data;
-  const at = voxOffset;
-  for (let i = 0; i < count; i++) {
-    const x = d[i];
-    const o = at + i * bytes;
-    switch (spec.datatype) {
-      case 'uint8': v.setUint8(o, x); break;
-      case 'int8': v.setInt8(o, x); break;
-      case 'int16': v.setInt16(o, x, le); break;
-      case 'uint16': v.setUint16(o, x, le); break;
-      case 'int32': v.setInt32(o, x, le); break;
-      case 'uint32': v.setUint32(o, x, le); break;
-      case 'float32': v.setFloat32(o, x, le); break;
-      case 'float64': v.setFloat64(o, x, le); break;
-    }
-  }
+  writeVoxels(v, spec, voxOffset, bytes, le);
   return spec.gzip ? gzipSync(buf, { level: spec.gzipLevel ?? 6 }) : buf;
 }
 
@@ -141,9 +126,15 @@ export function encodeNifti2(spec: NiftiSpec): Buffer {
   v.setInt32(500, 2 | 8, le); // xyzt_units: mm, s
   // bytes 540..543: extension flag, all zero
 
+  writeVoxels(v, spec, voxOffset, bytes, le);
+  return spec.gzip ? gzipSync(buf, { level: spec.gzipLevel ?? 6 }) : buf;
+}
+
+/** The voxels of `spec`, in its datatype and byte order, from `voxOffset` on (NIfTI-1 and -2 alike). */
+function writeVoxels(v: DataView, spec: NiftiSpec, voxOffset: number, bytes: number, le: boolean): void {
   const d = spec.data;
-  for (let i = 0; i < count; i++) {
-    const x = d[i];
+  for (let i = 0; i < d.length; i++) {
+    const x = d[i]!;
     const o = voxOffset + i * bytes;
     switch (spec.datatype) {
       case 'uint8': v.setUint8(o, x); break;
@@ -156,5 +147,4 @@ export function encodeNifti2(spec: NiftiSpec): Buffer {
       case 'float64': v.setFloat64(o, x, le); break;
     }
   }
-  return spec.gzip ? gzipSync(buf, { level: spec.gzipLevel ?? 6 }) : buf;
 }
