@@ -1,0 +1,203 @@
+/**
+ * Real processes for the fault suite: `slicewise worker` / `slicewise api` children, a redis-server of the test's
+ * own (so it can be killed and restarted without touching the shared one), and a TCP proxy that can cut a
+ * service off from the processes behind it.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdir } from 'node:fs/promises';
+import { createServer, connect, type Server, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { BIN } from '../helpers/cli.ts';
+
+export interface Proc {
+  proc: ChildProcess;
+  /** Everything printed so far (stdout and stderr interleaved). */
+  output(): string;
+  /** Resolves when the output matches, rejects after `timeoutMs` or when the process exits first. */
+  waitFor(pattern: RegExp, timeoutMs?: number): Promise<void>;
+  /** Resolves with the exit code (or signal name) once the process has exited. */
+  exited: Promise<number | string>;
+  signal(sig: NodeJS.Signals): void;
+}
+
+/** `slicewise ARGS` as a long-lived child process. */
+export function startCli(args: string[], { env, cwd }: { env: NodeJS.ProcessEnv; cwd?: string }): Proc {
+  const proc = spawn(process.execPath, [BIN, ...args], { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  const waiters: Array<() => void> = [];
+  const feed = (d: Buffer) => {
+    out += d;
+    for (const w of waiters.splice(0)) w();
+  };
+  proc.stdout!.on('data', feed);
+  proc.stderr!.on('data', feed);
+  const exited = new Promise<number | string>((res) => proc.once('exit', (code, sig) => res(code ?? sig ?? -1)));
+  let done = false;
+  exited.then(() => {
+    done = true;
+    for (const w of waiters.splice(0)) w();
+  });
+  return {
+    proc,
+    output: () => out,
+    exited,
+    signal: (sig) => {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(sig);
+    },
+    waitFor(pattern, timeoutMs = 60_000) {
+      return new Promise((res, rej) => {
+        const timer = setTimeout(() => rej(new Error(`timed out after ${timeoutMs} ms waiting for ${pattern} in:\n${out.slice(-3000)}`)), timeoutMs);
+        const check = () => {
+          if (pattern.test(out)) {
+            clearTimeout(timer);
+            res();
+          } else if (done) {
+            clearTimeout(timer);
+            rej(new Error(`process exited before printing ${pattern}:\n${out.slice(-3000)}`));
+          } else waiters.push(check);
+        };
+        check();
+      });
+    },
+  };
+}
+
+/** A `slicewise worker` process on the given Redis and Postgres; resolves once its workers are ready. */
+export async function startWorkerProcess({
+  redisUrl,
+  databaseUrl,
+  dataDir,
+  prefix,
+  queues,
+  concurrency,
+  extraEnv = {},
+}: {
+  redisUrl: string;
+  databaseUrl: string;
+  dataDir: string;
+  prefix: string;
+  queues?: string[];
+  concurrency?: number;
+  extraEnv?: NodeJS.ProcessEnv;
+}): Promise<Proc> {
+  const args = ['worker', '--data-dir', dataDir];
+  if (queues) args.push('--queues', queues.join(','));
+  if (concurrency) args.push('--concurrency', String(concurrency));
+  const p = startCli(args, {
+    env: { ...process.env, REDIS_URL: redisUrl, DATABASE_URL: databaseUrl, SLICEWISE_QUEUE_PREFIX: prefix, LOG_LEVEL: 'info', SLICEWISE_LOG: '', ...extraEnv },
+  });
+  await p.waitFor(/Workers ready/, 60_000);
+  return p;
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as { port: number };
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export interface TestRedis {
+  url: string;
+  port: number;
+  /** kill -9: no chance to write anything more. */
+  kill(): Promise<void>;
+  /** Starts it again on the same port and dir (so with AOF on, the data comes back). */
+  start(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+/** A redis-server of the test's own, AOF on or off, on a free port, data in `dir`. */
+export async function testRedis(dir: string, { aof = true }: { aof?: boolean } = {}): Promise<TestRedis> {
+  await mkdir(dir, { recursive: true });
+  const port = await freePort();
+  let proc: ChildProcess | undefined;
+  const start = async () => {
+    proc = spawn(
+      'redis-server',
+      ['--port', String(port), '--bind', '127.0.0.1', '--appendonly', aof ? 'yes' : 'no', '--save', '', '--maxmemory-policy', 'noeviction', '--dir', dir, '--logfile', join(dir, 'redis.log')],
+      { stdio: 'ignore' },
+    );
+    for (let i = 0; i < 100; i++) {
+      const ok = await new Promise<boolean>((res) => {
+        const s = connect(port, '127.0.0.1');
+        s.once('connect', () => {
+          s.write('PING\r\n');
+          s.once('data', (d) => {
+            s.destroy();
+            res(d.toString().startsWith('+PONG'));
+          });
+        });
+        s.once('error', () => res(false));
+      });
+      if (ok) return;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    throw new Error(`test redis-server on port ${port} did not start (see ${join(dir, 'redis.log')})`);
+  };
+  const kill = async () => {
+    const p = proc;
+    if (!p || p.exitCode !== null || p.signalCode !== null) return;
+    const gone = new Promise((r) => p.once('exit', r));
+    p.kill('SIGKILL');
+    await gone;
+  };
+  await start();
+  return { url: `redis://127.0.0.1:${port}`, port, kill, start, stop: kill };
+}
+
+export interface CutProxy {
+  port: number;
+  /** Drops every open connection and refuses new ones until `restore()`. */
+  cut(): void;
+  restore(): void;
+  close(): Promise<void>;
+}
+
+/** A TCP proxy in front of `host:port` that a test can cut, as if the service behind it were down. */
+export async function cutProxy(targetHost: string, targetPort: number): Promise<CutProxy> {
+  let down = false;
+  const open = new Set<Socket>();
+  const server: Server = createServer((client) => {
+    if (down) {
+      client.destroy();
+      return;
+    }
+    const upstream = connect(targetPort, targetHost);
+    open.add(client);
+    open.add(upstream);
+    const drop = () => {
+      client.destroy();
+      upstream.destroy();
+      open.delete(client);
+      open.delete(upstream);
+    };
+    client.on('error', drop);
+    upstream.on('error', drop);
+    client.on('close', drop);
+    upstream.on('close', drop);
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  const port = await new Promise<number>((res) => server.listen(0, '127.0.0.1', () => res((server.address() as { port: number }).port)));
+  return {
+    port,
+    cut() {
+      down = true;
+      for (const s of open) s.destroy();
+      open.clear();
+    },
+    restore() {
+      down = false;
+    },
+    close: () =>
+      new Promise((res) => {
+        for (const s of open) s.destroy();
+        server.close(() => res());
+      }),
+  };
+}
