@@ -69,6 +69,7 @@ export const ENV_KNOBS = {
   configDir: knob('SLICEWISE_CONFIG_DIR', 'the repository\'s `configs/`', 'where base.yaml, modes/ and stages/ are read', text()),
   noInstall: knob('SLICEWISE_NO_INSTALL', '`0`', '`1`: never install redis-server with apt-get', flag),
   trainPool: knob('SLICEWISE_TRAIN_POOL', '`1`', 'training jobs running at once across all train workers (the GPU pool)', positiveInt(1)),
+  lockMs: knob('SLICEWISE_LOCK_MS', '`60000`', 'lock of a preprocess/download/split job; a killed worker\'s job is taken over (stalled) after at most this', positiveInt(60_000)),
   trainLockMs: knob('SLICEWISE_TRAIN_LOCK_MS', '`120000`', 'lock of a training job; a killed train worker\'s job is taken over after this', positiveInt(120_000)),
   trainReplicas: knob('SLICEWISE_TRAIN_REPLICAS', 'min(cores, 2) on wasm/cpu, 1 on tensorflow', 'data-parallel training replicas per stage', positiveInt()),
   tfBackend: knob('SLICEWISE_TF_BACKEND', 'the first that loads: tensorflow, wasm, cpu', 'forces the tfjs backend', oneOf(['tensorflow', 'wasm', 'cpu'] as const)),

@@ -38,7 +38,7 @@ function queueSettings(q: QueueName, concurrency: number | undefined): QueueSett
   switch (q) {
     case 'preprocess':
       // The work is in step threads; the main thread keeps renewing the locks meanwhile.
-      return { concurrency: concurrency ?? Math.max(1, cpus().length), lockDuration: 60_000 };
+      return { concurrency: concurrency ?? Math.max(1, cpus().length), lockDuration: env().lockMs, stalledInterval: env().lockMs / 2 };
     case 'train': {
       // One training job per worker (per GPU); the queue's global concurrency caps the whole pool. A killed
       // worker's job is taken over once its lock expires and resumes from its last epoch checkpoint.
@@ -49,7 +49,7 @@ function queueSettings(q: QueueName, concurrency: number | undefined): QueueSett
       // A model job uses every core by itself; two at once would only share them.
       return { concurrency: 1, lockDuration: 120_000 };
     default:
-      return { concurrency: concurrency ?? 2, lockDuration: 60_000 };
+      return { concurrency: concurrency ?? 2, lockDuration: env().lockMs, stalledInterval: env().lockMs / 2 };
   }
 }
 
