@@ -36,6 +36,8 @@ DO \$\$ BEGIN
   IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'slicewise') THEN
     CREATE ROLE slicewise LOGIN PASSWORD 'slicewise' CREATEDB;
   END IF;
+  -- The secrets test makes a role of its own with a random password.
+  ALTER ROLE slicewise CREATEDB CREATEROLE;
 END \$\$;
 SQL
 su postgres -c "psql -p $PG_PORT -tAc \"select 1 from pg_database where datname='slicewise_test'\"" | grep -q 1 ||
