@@ -1,4 +1,4 @@
-import { mkdir, mkdtemp, readFile, rm, writeFile, copyFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, readdir, rm, writeFile, copyFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { execFile, spawnSync } from 'node:child_process';
 import { promisify } from 'node:util';
@@ -591,6 +591,47 @@ describe('volumeToSlices: the pure path training and inference share', () => {
     const short: RawNiftiVolume = { ...flair, dims: [240, 240, 100], raw: flair.raw.subarray(0, 240 * 240 * 100) };
     refuse(() => volumeToSlices(short, seg, { sampleKey: 'x' }), 422, 'bad_volume', /image shape 240x240x100 does not match/);
   });
+
+  it('checks the z-scored output itself: a scaling past float32 never comes out as Inf or NaN', () => {
+    // Built by hand, past the reader's own check: the slicing must not trust its callers for this.
+    const raw = Int16Array.from({ length: 8 * 8 * 3 }, (_, i) => i % 13);
+    const overflow: RawNiftiVolume = { dims: [8, 8, 3], pixdim: [1, 1, 1], datatype: 'int16', axisCodes: null, raw, slope: 3e38, inter: 0 };
+    const e = expectSliceWiseError(thrownBy(() => volumeToSlices(overflow, null, { imageSize: 8 })), {
+      status: 422,
+      code: 'bad_volume',
+      message: /^volume 0: z-scored slice 0 has a non-finite value \((NaN|-?Infinity)\): the voxel values or their scaling overflow float32$/,
+    });
+    expect(e).toBeInstanceOf(SliceInputError);
+    // The same values at a slope that fits give finite z-scores.
+    const fine = volumeToSlices({ ...overflow, slope: 1e30 }, null, { imageSize: 8 });
+    expect(fine.images.every(Number.isFinite)).toBe(true);
+  });
+
+  it('reduces a very long axis in time linear in its length (found by the fuzz pass: the filter taps were quadratic)', () => {
+    // 200000 samples to 8: 50000 taps per output. Looking each tap up by a linear search took ~10^10 steps.
+    const nx = 200_000;
+    const raw = Uint8Array.from({ length: nx }, (_, i) => (i * 7) % 251);
+    const long: RawNiftiVolume = { dims: [nx, 1, 1], pixdim: [1, 1, 1], datatype: 'uint8', axisCodes: null, raw, slope: 1, inter: 0 };
+    const t0 = performance.now();
+    const out = volumeToSlices(long, null, { imageSize: 8 });
+    expect(performance.now() - t0).toBeLessThan(5000);
+    // Each row of the slice averages its 25000 samples: all close to the mean, so z-scores near 0, and finite.
+    expect(out.images.every((v) => Number.isFinite(v) && Math.abs(v) < 0.1)).toBe(true);
+  });
+
+  it('refuses an output far larger than its input before allocating it (1 x 1 x 30000 voxels as 256 x 256 slices)', () => {
+    const raw = Uint8Array.from({ length: 30000 }, (_, i) => i % 7);
+    const thin: RawNiftiVolume = { dims: [1, 1, 30000], pixdim: [1, 1, 1], datatype: 'uint8', axisCodes: null, raw, slope: 1, inter: 0 };
+    const t0 = performance.now();
+    expectSliceWiseError(thrownBy(() => volumeToSlices(thin, null, { imageSize: 256 })), {
+      status: 422,
+      code: 'bad_volume',
+      message: 'volume 0: 30000 slices of 256 x 256 make 7.3 GiB of float32 images, more than the 1.0 GiB',
+    });
+    expect(performance.now() - t0).toBeLessThan(2000);
+    // At a size that fits, the same volume slices.
+    expect(volumeToSlices(thin, null, { imageSize: 4 }).imageShape).toEqual([30000, 4, 4]);
+  });
 });
 
 const PYTHON = '/usr/bin/python3';
@@ -720,14 +761,64 @@ describe('preprocessPatient errors', () => {
     expect(err.reason).toBe('the dataset layout has no t2 entry (it maps flair, seg)');
   });
 
-  it('image and seg shapes differ', async () => {
+  /** What a patient's output folder and its siblings hold: the patient's files, and any hidden leftovers. */
+  async function outputState(out: string, id: string): Promise<{ files: string[]; hidden: string[] }> {
+    const files = ['images.npy', 'masks.npy', 'meta.json'].filter((f) => existsSync(path.join(out, id, f)));
+    const hidden = existsSync(out) ? (await readdir(out)).filter((n) => n.startsWith('.')) : [];
+    return { files, hidden };
+  }
+
+  it('image and seg shapes differ: no output at all (not even the masks, made first); fixed, a re-run completes', async () => {
     const p = await layoutPatient('shape06', { 'Flair_x.nii.gz': flair(), 'OTMultiClass.nii.gz': seg([10, 10, 3], 300) });
+    const out = path.join(tmp, 'out-shape');
     await expectPatientError(
-      preprocessPatient(p, path.join(tmp, 'out-err')),
+      preprocessPatient(p, out, { imageSize: 16 }),
       'shape06',
       'Flair_x.nii.gz',
       /image shape 10x10x4 does not match the seg shape 10x10x3 of OTMultiClass.nii.gz/,
     );
+    // The masks are made from the seg alone before the images are read: they must not be left behind.
+    expect(await outputState(out, 'shape06')).toEqual({ files: [], hidden: [] });
+
+    await writeFile(p.files.seg, seg());
+    const meta = await preprocessPatient(p, out, { imageSize: 16 });
+    expect(await outputState(out, 'shape06')).toEqual({ files: ['images.npy', 'masks.npy', 'meta.json'], hidden: [] });
+    const files = patientFiles(out, 'shape06');
+    const [images, masks] = await Promise.all([readNpy(files.images), readNpy(files.masks)]);
+    expect(images.shape).toEqual([meta.num_slices, 16, 16]);
+    expect(masks.shape).toEqual([meta.num_slices, 16, 16]);
+    expect(await readPatientMeta(files)).toEqual(meta);
+  });
+
+  it('an int16 FLAIR with scl_slope 3e38 fails naming the patient, the file and the overflow; nothing is written', async () => {
+    // The known defect: every scaled value is past float32's range, and the run wrote images.npy full of +Inf.
+    const huge = encodeNifti({ dims, datatype: 'int16', data: flairData, sclSlope: 3e38, gzip: true });
+    const p = await layoutPatient('slope10', { 'Flair_x.nii.gz': huge, 'OTMultiClass.nii.gz': seg() });
+    const out = path.join(tmp, 'out-slope');
+    const e = await expectPatientError(preprocessPatient(p, out, { imageSize: 16 }), 'slope10', 'Flair_x.nii.gz', /scl_slope 3\.0000000\d*e\+38 and scl_inter 0 scale the stored values \[0, 36\] to \[0, 1\.08\d*e\+40\], not finite in float32/);
+    expect(e.cause).toBeInstanceOf(Error);
+    expect(await outputState(out, 'slope10')).toEqual({ files: [], hidden: [] });
+    // A slope that keeps the values finite but within a hair of the limit still reads.
+    await writeFile(p.files.flair, encodeNifti({ dims, datatype: 'int16', data: flairData, sclSlope: 9e36, gzip: true }));
+    const meta = await preprocessPatient(p, out, { imageSize: 16 });
+    const images = await readNpy(patientFiles(out, 'slope10').images);
+    expect(images.data.every(Number.isFinite)).toBe(true);
+    expect(meta.num_slices).toBe(images.shape[0]);
+  });
+
+  it('a re-run replaces the whole output folder, and a failed one removes it', async () => {
+    const p = await layoutPatient('swap11', { 'Flair_x.nii.gz': flair(), 'OTMultiClass.nii.gz': seg() });
+    const out = path.join(tmp, 'out-swap');
+    await preprocessPatient(p, out, { imageSize: 16 });
+    const stray = path.join(out, 'swap11', 'stale.txt');
+    await writeFile(stray, 'from an older release');
+    await preprocessPatient(p, out, { imageSize: 8 });
+    expect(existsSync(stray)).toBe(false);
+    expect((await readNpy(patientFiles(out, 'swap11').images)).shape.slice(1)).toEqual([8, 8]);
+    await writeFile(p.files.seg, seg([10, 10, 3], 300));
+    await rejection(preprocessPatient(p, out, { imageSize: 8 }));
+    expect(existsSync(path.join(out, 'swap11'))).toBe(false);
+    expect((await readdir(out)).filter((n) => n.startsWith('.'))).toEqual([]);
   });
 
   it('constant volume (std 0)', async () => {

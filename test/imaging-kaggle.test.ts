@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes } from 'node:crypto';
+import { crc32 } from 'node:zlib';
 import sharp from 'sharp';
 import { SliceWiseError, DataFileError } from '../src/lib/errors.js';
 import {
@@ -313,6 +314,37 @@ describe('preprocessKaggleImage', () => {
     if (!r.ok) expect(r.reason).toMatch(/^cannot decode image: .+/);
   });
 
+  it('refuses an image too large in pixels from its header, before decoding it', async () => {
+    // A 64 x 64 PNG whose IHDR says 100000 x 100000 (CRC fixed, so a decoder trusts it): 10 gigapixels from 200 bytes.
+    const png = await sharp({ create: { width: 64, height: 64, channels: 3, background: { r: 40, g: 40, b: 40 } } }).png().toBuffer();
+    const huge = Buffer.from(png);
+    huge.writeUInt32BE(100000, 16);
+    huge.writeUInt32BE(100000, 20);
+    huge.writeUInt32BE(crc32(huge.subarray(12, 29)), 29);
+    const t0 = performance.now();
+    const r = await kaggleImageToInput(huge);
+    expect(r).toEqual({ ok: false, reason: 'image is 100000 x 100000 = 10000000000 pixels, more than the limit of 50000000 pixels' });
+    expect(performance.now() - t0).toBeLessThan(1000);
+    // The limit is an option: a real image over a small limit is refused by its size, and read under the default.
+    const real = await readFile(path.join(KAGGLE, 'yes', 'Y1.jpg'));
+    const meta = await sharp(real).metadata();
+    const small = await kaggleImageToInput(real, { maxPixels: meta.width! * meta.height! - 1 });
+    expect(small).toEqual({ ok: false, reason: `image is ${meta.width} x ${meta.height} = ${meta.width! * meta.height!} pixels, more than the limit of ${meta.width! * meta.height! - 1} pixels` });
+    expect((await kaggleImageToInput(real, { maxPixels: meta.width! * meta.height! })).ok).toBe(true);
+    expectSliceWiseError(await rejection(kaggleImageToInput(real, { maxPixels: 0 })), { status: 400, code: 'invalid_option', message: 'maxPixels must be a positive integer' });
+  });
+
+  it('decodes JPEG and PNG only, whatever else the image library could read', async () => {
+    const real = await readFile(path.join(KAGGLE, 'yes', 'Y1.jpg'));
+    for (const [format, bytes] of [
+      ['webp', await sharp(real).webp().toBuffer()],
+      ['gif', await sharp(real).gif().toBuffer()],
+      ['tiff', await sharp(real).tiff().toBuffer()],
+    ] as const) {
+      expect(await kaggleImageToInput(bytes), format).toEqual({ ok: false, reason: `not a JPEG or PNG image (its content reads as ${format})` });
+    }
+  });
+
   it('throws DataFileError for a file that does not exist (a broken dataset, not a bad image)', async () => {
     await expect(preprocessKaggleImage(path.join(tmp, 'missing.jpg'))).rejects.toBeInstanceOf(DataFileError);
   });
@@ -416,6 +448,8 @@ describe('preprocessKaggleDataset on the 60 real fixtures', () => {
 
   it('writes images.npy, labels.npy and meta.json with matching shapes and no temp files', async () => {
     expect((await readdir(out)).sort()).toEqual(['images.npy', 'labels.npy', 'meta.json']);
+    // The three were written in a temporary sibling folder that replaced `out` whole; none is left over.
+    expect((await readdir(path.dirname(out))).filter((n) => n.startsWith('.'))).toEqual([]);
     const images = readNpy(await readFile(path.join(out, 'images.npy')));
     const labels = readNpy(await readFile(path.join(out, 'labels.npy')));
     const meta = JSON.parse(await readFile(path.join(out, 'meta.json'), 'utf8'));

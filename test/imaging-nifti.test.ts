@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { niftiHeaderBytes, parseNiftiRaw, readNifti, readNiftiRaw } from '../src/imaging/nifti.js';
 import { encodeLabelsLike, writeLabelsLike } from '../src/imaging/nifti-write.js';
-import { allocNpy, decodeNpy, encodeNpy, readNpy } from '../src/imaging/npy.js';
+import { allocNpy, decodeNpy, encodeNpy, openNpyRows, readNpy } from '../src/imaging/npy.js';
 import { DataFileError } from '../src/lib/errors.js';
 import { encodeNifti, encodeNifti2, writeNifti, type NiftiDatatype, type NiftiSpec } from './helpers/nifti-writer.js';
 import { compareWithNibabel, indexSums, nibabelMissing } from './helpers/nibabel.js';
@@ -331,6 +331,60 @@ describe('readNifti errors', () => {
   it('a directory instead of a file', async () => {
     await expectDataFileError(readNifti(tmp), tmp, /is a directory/);
   });
+
+  it('values past float32 after scaling (int16 with scl_slope 3e38), or stored so (float64), name the values', async () => {
+    const slope = path.join(tmp, 'slope3e38.nii.gz');
+    await writeNifti(slope, { dims: [4, 3, 2], datatype: 'int16', data: Array.from({ length: 24 }, (_, i) => i - 5), sclSlope: 3e38, gzip: true });
+    await expectDataFileError(readNiftiRaw(slope), slope, /^scl_slope 3\.0000000\d*e\+38 and scl_inter 0 scale the stored values \[-5, 18\] to \[-1\.5\d*e\+39, 5\.4\d*e\+39\], not finite in float32/);
+    const wide = path.join(tmp, 'float64-1e39.nii');
+    await writeNifti(wide, { dims: [2, 2, 1], datatype: 'float64', data: [0, 1, 2, 1e39] });
+    await expectDataFileError(readNifti(wide), wide, 'the stored values span [0, 1e+39], not finite in float32');
+    // At the edge of the range they read, and the scaling is applied.
+    await writeNifti(slope, { dims: [2, 1, 1], datatype: 'int16', data: [-1, 1], sclSlope: 3.4e38, gzip: true });
+    expect(Array.from((await readNifti(slope)).data)).toEqual([Math.fround(-3.4e38), Math.fround(3.4e38)]);
+  });
+
+  it('a valid scl_slope with a non-finite scl_inter is refused as nibabel refuses it; with no slope the intercept is ignored', async () => {
+    const file = path.join(tmp, 'inter-nan.nii');
+    await writeNifti(file, { dims: [2, 2, 1], datatype: 'int16', data: [1, 2, 3, 4], sclSlope: 2, sclInter: NaN });
+    await expectDataFileError(readNifti(file), file, 'invalid header: scl_slope is 2 but scl_inter is NaN');
+    await writeNifti(file, { dims: [2, 2, 1], datatype: 'int16', data: [1, 2, 3, 4], sclSlope: 0, sclInter: Infinity });
+    expect(Array.from((await readNifti(file)).data)).toEqual([1, 2, 3, 4]);
+  });
+
+  it('a NIfTI-2 file cut inside its 540-byte header (found by the fuzz pass: the library read past the end)', async () => {
+    const file = path.join(tmp, 'nifti2-cut.nii');
+    await writeFile(file, encodeNifti2({ dims: [2, 2, 2], datatype: 'int16', data: [1, 2, 3, 4, 5, 6, 7, 8] }).subarray(0, 400));
+    await expectDataFileError(readNifti(file), file, 'truncated: only 400 bytes, a NIfTI-2 header alone is 540');
+  });
+
+  it('a magic whose 4th byte is not NUL (found by the fuzz pass: read, then refused by the header copier of predict)', async () => {
+    const file = path.join(tmp, 'magic-at.nii');
+    const bytes = encodeNifti({ dims: [2, 2, 1], datatype: 'uint8', data: [1, 2, 3, 4] });
+    bytes[347] = 0x40;
+    await writeFile(file, bytes);
+    await expectDataFileError(readNifti(file), file, 'not a NIfTI file: its magic is "n+1@", expected "n+1\\0"');
+  });
+
+  it('a voxel size that is not a number (it would be null in meta.json)', async () => {
+    const file = path.join(tmp, 'pixdim-nan.nii');
+    await writeNifti(file, { dims: [2, 2, 2], datatype: 'uint8', data: [1, 2, 3, 4, 5, 6, 7, 8], pixdim: [1, NaN, 1] });
+    await expectDataFileError(readNifti(file), file, 'invalid header: pixdim[2] (voxel size) is NaN');
+  });
+
+  it('a .nii.gz with a NaN vox_offset, or a bitpix smaller than its datatype, reads as the plain file does', async () => {
+    // The inflation limit is computed from the header; it must read the fields as the decoder does (vox_offset NaN
+    // means "after the header"; the datatype, not bitpix, sizes a voxel), or it refuses a good file as a bomb.
+    const data = Float32Array.from({ length: 128 * 128 * 24 }, (_, i) => (i % 1000) / 7);
+    const plain = encodeNifti({ dims: [128, 128, 24], datatype: 'float32', data });
+    plain.writeFloatLE(NaN, 108);
+    plain.writeInt16LE(8, 72);
+    const file = path.join(tmp, 'nan-offset-bitpix8.nii.gz');
+    await writeFile(file, gzipSync(plain));
+    const v = await readNifti(file);
+    expect(v.dims).toEqual([128, 128, 24]);
+    expect(v.data).toEqual(data);
+  });
 });
 
 describe('npy', () => {
@@ -390,6 +444,18 @@ describe('npy', () => {
     const missing = path.join(tmp, 'missing.npy');
     await expectDataFileError(readNpy(missing), missing, 'file not found');
     expect(existsSync(missing)).toBe(false);
+  });
+
+  it('refuses a header length of 4 GiB (format 2.0) at once, whole-file and row readers alike', async () => {
+    const good = encodeNpy(new Float32Array(2 * 3 * 4), [2, 3, 4]);
+    // Format 2.0: a 4-byte length field; the dict moves 2 bytes on.
+    const lying = Buffer.concat([good.subarray(0, 8), Buffer.from([0xff, 0xff, 0xff, 0xff]), good.subarray(10)]);
+    lying[6] = 2;
+    const file = path.join(tmp, 'header-4gib.npy');
+    await writeFile(file, lying);
+    const reason = '.npy header length 4294967295 is more than the 65535 bytes supported';
+    await expectDataFileError(readNpy(file), file, reason);
+    await expectDataFileError(openNpyRows(file), file, reason);
   });
 
   it('reads numpy-written headers (format 1.0, other spacing, big-endian float)', () => {

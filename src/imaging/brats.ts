@@ -29,10 +29,10 @@
  * (float32, N x H x W for one modality, N x C x H x W for several), masks.npy (uint8 0/1, N x H x W) and meta.json,
  * written atomically, meta.json last: its presence marks a complete result.
  */
-import { readdir, rm } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { basename, join } from 'node:path';
-import { patientFiles, writePatientMeta, type PatientMeta, type SliceInfo, type SliceOrientation } from '../disk/layout.ts';
-import { writeFileAtomic } from '../lib/atomic.js';
+import { patientFiles, writePatientMeta, type PatientFilePaths, type PatientMeta, type SliceInfo, type SliceOrientation } from '../disk/layout.ts';
+import { removeDirAtomic, replaceDirAtomic, writeFileAtomic } from '../lib/atomic.js';
 import { DataFileError, PatientDataError, SliceWiseError } from '../lib/errors.js';
 import type { PatientFiles } from './layout.js';
 import { readNiftiRaw, type RawNiftiVolume } from './nifti.js';
@@ -180,6 +180,10 @@ function axisTaps(inSize: number, outSize: number): AxisTaps {
   const support = Math.max(scale, 1);
   const lists: { idx: number[]; w: number[] }[] = [];
   let taps = 2;
+  // Where each source index sits in the current output's tap list (-1: not yet): mirrored taps fold onto indices
+  // already listed. A lookup table, not idx.indexOf: a strong reduction (a 32767-wide volume to a few pixels)
+  // has thousands of taps per output, and a linear search made that quadratic (seconds, found by the fuzz pass).
+  const slot = new Int32Array(inSize).fill(-1);
   for (let o = 0; o < outSize; o++) {
     const c = (o + 0.5) * scale - 0.5;
     const idx: number[] = [];
@@ -189,8 +193,9 @@ function axisTaps(inSize: number, outSize: number): AxisTaps {
       const wi = 1 - Math.abs(i - c) / support;
       if (wi <= 0) continue;
       const j = mirror(i, inSize);
-      const k = idx.indexOf(j);
+      const k = slot[j]!;
       if (k < 0) {
+        slot[j] = idx.length;
         idx.push(j);
         w.push(wi);
       } else {
@@ -198,6 +203,7 @@ function axisTaps(inSize: number, outSize: number): AxisTaps {
       }
       sum += wi;
     }
+    for (const j of idx) slot[j] = -1;
     for (let k = 0; k < w.length; k++) w[k] /= sum;
     lists.push({ idx, w });
     taps = Math.max(taps, idx.length);
@@ -252,6 +258,8 @@ function resizePlan(nx: number, ny: number, size: number): ResizePlan {
   const nnx = nearestIndex(nx, size);
   const firstOut = new Int32Array(nx).fill(size);
   const lastOut = new Int32Array(nx).fill(-1);
+  const mins = new Int32Array(size);
+  const maxs = new Int32Array(size);
   for (let o = 0; o < size; o++) {
     let min = nx;
     let max = -1;
@@ -261,9 +269,14 @@ function resizePlan(nx: number, ny: number, size: number): ResizePlan {
       if (i < min) min = i;
       if (i > max) max = i;
     }
-    for (let x = 0; x <= max; x++) if (firstOut[x] > o) firstOut[x] = o;
-    for (let x = min; x < nx; x++) if (lastOut[x] < o) lastOut[x] = o;
+    mins[o] = min;
+    maxs[o] = max;
   }
+  // firstOut[x] = the least o with maxs[o] >= x: going up through o, each x is claimed by the first o that reaches
+  // it. lastOut[x] = the greatest o with mins[o] <= x, the same going down. O(nx + size), where filling each output's
+  // whole range was O(nx x size).
+  for (let o = 0, hi = -1; o < size; o++) for (; hi < maxs[o]; ) firstOut[++hi] = o;
+  for (let o = size - 1, lo = nx; o >= 0; o--) for (; lo > mins[o]; ) lastOut[--lo] = o;
   return {
     nx,
     ny,
@@ -420,8 +433,9 @@ function countTumourRaw(seg: RawNiftiVolume, perSlice: Int32Array, perRow: Int32
   const rowBytes = nx * raw.BYTES_PER_ELEMENT;
   if (seg.slope !== 1 || seg.inter !== 0 || rowBytes % 8 !== 0 || raw.byteOffset % 8 !== 0) return false;
   const rows = ny * nz;
-  const words = new Float64Array(raw.buffer, raw.byteOffset, (rows * rowBytes) >> 3);
-  const wordsPerRow = rowBytes >> 3;
+  // Division, not >> 3: a volume over 2 GiB would wrap a 32-bit shift.
+  const words = new Float64Array(raw.buffer, raw.byteOffset, (rows * rowBytes) / 8);
+  const wordsPerRow = rowBytes / 8;
   const perWord = 8 / raw.BYTES_PER_ELEMENT;
   for (let r = 0, k = 0; r < rows; r++) {
     let count = 0;
@@ -627,6 +641,21 @@ export function selectSlices(seg: RawNiftiVolume, opts: SliceOptions = {}): Slic
   return selection;
 }
 
+/**
+ * Largest array the slicing makes (images: N x C x S x S float32; masks: N x S x S bytes). The output's size
+ * follows the slice count and the image size, not the input's: a 1 x 1 x 32767 volume of 32 KB would otherwise ask
+ * for 8 GiB of 256 x 256 slices. A BraTS case at 256 x 256 is 40 MB per modality.
+ */
+export const MAX_SLICE_OUTPUT_BYTES = 2 ** 30;
+
+/** The reason an output of `n` slices x `channels` of S x S at `bytesPerValue` is refused, or null when it fits. */
+function oversizeReason(n: number, channels: number, size: number, bytesPerValue: number, what: string): string | null {
+  const bytes = n * channels * size * size * bytesPerValue;
+  if (bytes <= MAX_SLICE_OUTPUT_BYTES) return null;
+  const gib = (b: number) => `${(b / 2 ** 30).toFixed(1)} GiB`;
+  return `${n} slices${channels > 1 ? ` x ${channels} channels` : ''} of ${size} x ${size} make ${gib(bytes)} of ${what}, more than the ${gib(MAX_SLICE_OUTPUT_BYTES)} one volume's slices may take`;
+}
+
 function checkSelection(selection: SliceSelection<UnlabelledSliceInfo>): void {
   const nz = selection.shape[2];
   for (const s of selection.slices) {
@@ -658,6 +687,8 @@ export function sliceMasks(seg: RawNiftiVolume, selection: SliceSelection<Unlabe
   const [nx, ny] = seg.dims;
   const size = selection.imageSize;
   const area = size * size;
+  const tooBig = into ? null : oversizeReason(selection.slices.length, 1, size, 1, 'masks');
+  if (tooBig) throw new SliceInputError('seg', tooBig);
   const out = outputArray(into, selection.slices.length * area, (n) => new Uint8Array(n), 'sliceMasks', true);
   const plan = resizePlan(nx, ny, size);
   const scratch = new Float32Array(nx * ny);
@@ -698,12 +729,22 @@ export function sliceImages(volumes: readonly RawNiftiVolume[], selection: Slice
   const size = selection.imageSize;
   const area = size * size;
   const channels = volumes.length;
+  const tooBig = into ? null : oversizeReason(selection.slices.length, channels, size, 4, 'float32 images');
+  if (tooBig) throw new SliceInputError(0, tooBig);
   const out = outputArray(into, selection.slices.length * channels * area, (n) => new Float32Array(n), 'sliceImages', false);
   const plan = resizePlan(nx, ny, size);
   selection.slices.forEach(({ slice_idx: z }, s) => {
     for (let c = 0; c < channels; c++) {
+      const at = (s * channels + c) * area;
       horizontal(plan, sliceF32(volumes[c], z, scratch));
-      vertical(plan, stats[c].mean, stats[c].invStd, out, (s * channels + c) * area);
+      vertical(plan, stats[c].mean, stats[c].invStd, out, at);
+      // The statistics are finite, but float32 is narrower than the doubles they were computed in (a scaling near
+      // float32's limit): what the model gets must be finite, checked on the output itself.
+      for (let i = at, end = at + area; i < end; i++) {
+        if (!Number.isFinite(out[i])) {
+          throw new SliceInputError(c, `z-scored slice ${z} has a non-finite value (${out[i]}): the voxel values or their scaling overflow float32`);
+        }
+      }
     }
   });
   return out;
@@ -794,13 +835,31 @@ export async function preprocessPatient(patient: PatientFiles, outDir: string, o
   if (!id || id === '.' || id === '..' || /[\\/]/.test(id)) {
     throw new SliceWiseError(`bad patient id "${id}": it names the output directory and cannot contain a path separator`, { status: 400, code: 'bad_patient_id' });
   }
-  const needed = [...modalities, 'seg'];
-  for (const m of needed) {
-    if (!patient.files[m]) throw await missingFile(patient, m);
+  const paths = patientFiles(outDir, id);
+  try {
+    for (const m of [...modalities, 'seg']) {
+      if (!patient.files[m]) throw await missingFile(patient, m);
+    }
+    let meta: PatientMeta | undefined;
+    // Everything is written into a hidden temporary folder that replaces the patient's folder only once it is
+    // complete (meta.json, which marks completion, last): a failure at any point, a shape mismatch found after the
+    // masks were made or a worker killed mid-write, leaves no partial output under the patient's name.
+    await replaceDirAtomic(paths.dir, async (tmpDir) => {
+      meta = await preprocessInto(patient, patientFiles(outDir, basename(tmpDir)), sampling, modalities);
+    });
+    return meta!;
+  } catch (err) {
+    // Nor may an earlier attempt's output stay: it would look like this input's result.
+    await removeDirAtomic(paths.dir).catch(() => undefined);
+    throw err;
   }
+}
 
+/** The body of preprocessPatient: reads, checks and slices one patient, writing its files to `paths`. */
+async function preprocessInto(patient: PatientFiles, paths: PatientFilePaths, sampling: Required<SamplingOptions>, modalities: string[]): Promise<PatientMeta> {
+  const id = patient.patientId;
   // Decompression runs on the thread pool: start every read at once. The labels alone decide which slices are
-  // kept, so the masks are made (and written) while the images are still inflating.
+  // kept, so the masks are made (and written, to the temporary folder) while the images are still inflating.
   const segFile = patient.files.seg;
   const segRead = readFor(id, segFile);
   const imageReads = Promise.all(modalities.map((m) => readFor(id, patient.files[m])));
@@ -809,47 +868,58 @@ export async function preprocessPatient(patient: PatientFiles, outDir: string, o
   const selection = selectSlices(seg, { ...sampling, keep: 'sampled', sampleKey: id });
   const n = selection.slices.length;
   const size = sampling.imageSize;
+  const tooBig = oversizeReason(n, modalities.length, size, 4, 'float32 images');
+  if (tooBig) throw new PatientDataError(id, segFile, tooBig);
 
   const masks = allocNpy('uint8', [n, size, size]);
   sliceMasks(seg, selection, masks.data);
-  const paths = patientFiles(outDir, id);
-  // An old meta.json would vouch for arrays we are about to replace: drop it first, write it back last.
-  await rm(paths.meta, { force: true });
   const maskWrite = writeFileAtomic(paths.masks, masks.file);
   maskWrite.catch(() => undefined); // awaited below
-
-  const images = await imageReads;
-  images.forEach((v, c) => {
-    if (!sameShape(v.dims, seg.dims)) {
-      const reason = `image shape ${shapeText(v.dims)} does not match the seg shape ${shapeText(seg.dims)} of ${basename(segFile)}`;
-      throw new PatientDataError(id, patient.files[modalities[c]], reason);
-    }
-  });
-  const out = allocNpy('float32', imageShapeOf(n, images.length, size));
   try {
-    sliceImages(images, selection, out.data);
+    return await imagesAndMeta();
   } catch (err) {
-    if (err instanceof SliceInputError && typeof err.input === 'number') {
-      throw new PatientDataError(id, patient.files[modalities[err.input]], err.reason, { cause: err });
-    }
+    // Let the masks' write settle first: the caller deletes the temporary folder on failure, and a write still in
+    // flight would create it again (writeFileAtomic makes its folder) and leave it behind.
+    await maskWrite.catch(() => undefined);
     throw err;
   }
-  await Promise.all([writeFileAtomic(paths.images, out.file), maskWrite]);
 
-  const source_files: Record<string, string> = {};
-  for (const m of needed) source_files[m] = patient.files[m];
-  const meta: PatientMeta = {
-    patient_id: id,
-    source_files,
-    original_shape: [...seg.dims],
-    pixdim: [...images[0].pixdim],
-    modality: [...modalities],
-    normalize_method: 'zscore',
-    image_size: size,
-    num_slices: n,
-    orientation: sliceOrientation(images[0]),
-    slices: selection.slices,
-  };
-  await writePatientMeta(paths, meta);
-  return meta;
+  async function imagesAndMeta(): Promise<PatientMeta> {
+    const images = await imageReads;
+    images.forEach((v, c) => {
+      if (!sameShape(v.dims, seg.dims)) {
+        const reason = `image shape ${shapeText(v.dims)} does not match the seg shape ${shapeText(seg.dims)} of ${basename(segFile)}`;
+        throw new PatientDataError(id, patient.files[modalities[c]], reason);
+      }
+    });
+    const out = allocNpy('float32', imageShapeOf(n, images.length, size));
+    try {
+      sliceImages(images, selection, out.data);
+    } catch (err) {
+      if (err instanceof SliceInputError && typeof err.input === 'number') {
+        throw new PatientDataError(id, patient.files[modalities[err.input]], err.reason, { cause: err });
+      }
+      throw err;
+    }
+    // Both settled before a failure is thrown, for the same reason as above.
+    const failed = (await Promise.allSettled([writeFileAtomic(paths.images, out.file), maskWrite])).find((r) => r.status === 'rejected');
+    if (failed) throw failed.reason;
+
+    const source_files: Record<string, string> = {};
+    for (const m of [...modalities, 'seg']) source_files[m] = patient.files[m];
+    const meta: PatientMeta = {
+      patient_id: id,
+      source_files,
+      original_shape: [...seg.dims],
+      pixdim: [...images[0].pixdim],
+      modality: [...modalities],
+      normalize_method: 'zscore',
+      image_size: size,
+      num_slices: n,
+      orientation: sliceOrientation(images[0]),
+      slices: selection.slices,
+    };
+    await writePatientMeta(paths, meta);
+    return meta;
+  }
 }

@@ -28,7 +28,7 @@ import { join, resolve } from 'node:path';
 import sharp from 'sharp';
 import { kaggleFiles, writeKaggleMeta, type KaggleMeta } from '../disk/layout.ts';
 import { DataFileError, SliceWiseError } from '../lib/errors.js';
-import { writeFileAtomic } from '../lib/atomic.js';
+import { replaceDirAtomic, writeFileAtomic } from '../lib/atomic.js';
 import { encodeNpy } from './npy.js';
 
 export interface KaggleImage {
@@ -77,6 +77,14 @@ const FRAME_MARGIN = 0.02;
 const MIN_CONTRAST = 10;
 
 const IMAGE_EXT = /\.(jpe?g|png)$/i;
+/**
+ * Largest image decoded, in pixels (width x height, read from the header before decoding): a few KB of PNG can
+ * declare 100000 x 100000. The demo's default limit (src/serving/demo-service.ts) is the same; the real Kaggle
+ * images are at most about 2 million.
+ */
+export const MAX_IMAGE_PIXELS = 50_000_000;
+/** What sharp may decode: the formats the datasets use. sharp would also take TIFF, GIF, WebP, SVG, HEIF, ... */
+const DECODED_FORMATS = new Set(['jpeg', 'png']);
 /** How deep below root a yes/ or no/ folder may sit (0 = root/yes, 2 = root/a/b/yes). */
 const MAX_CLASS_DIR_DEPTH = 2;
 
@@ -532,17 +540,21 @@ function checkImageSize(size: number): void {
  * file that cannot be read at all (missing, permission denied) is not a bad image but a broken dataset, and
  * throws DataFileError.
  */
-export async function kaggleImageToInput(source: string | Uint8Array, opts: { imageSize?: number } = {}): Promise<KaggleResult> {
+export async function kaggleImageToInput(source: string | Uint8Array, opts: { imageSize?: number; maxPixels?: number } = {}): Promise<KaggleResult> {
   const size = opts.imageSize ?? DEFAULT_IMAGE_SIZE;
   checkImageSize(size);
-  if (typeof source !== 'string') return bytesToInput(source, size);
+  const maxPixels = opts.maxPixels ?? MAX_IMAGE_PIXELS;
+  if (!(Number.isInteger(maxPixels) && maxPixels > 0)) {
+    throw new SliceWiseError(`maxPixels must be a positive integer, got ${maxPixels}`, { status: 400, code: 'invalid_option', details: { maxPixels } });
+  }
+  if (typeof source !== 'string') return bytesToInput(source, size, maxPixels);
   let bytes: Buffer;
   try {
     bytes = await readFile(source);
   } catch (err) {
     throw new DataFileError(source, `cannot read file: ${(err as Error).message}`, { cause: err });
   }
-  return bytesToInput(bytes, size);
+  return bytesToInput(bytes, size, maxPixels);
 }
 
 /** Preprocess one image file; see kaggleImageToInput. */
@@ -550,13 +562,41 @@ export function preprocessKaggleImage(file: string, opts: { imageSize?: number }
   return kaggleImageToInput(file, opts);
 }
 
+/**
+ * libvips's message for undecodable bytes, on one line: it repeats each decoder warning on a line of its own
+ * (three times, as often as not), which would spread one reason over several lines of meta.json and the logs.
+ */
+function decodeReason(err: unknown): string {
+  const lines = String((err as Error)?.message ?? err)
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => l !== '');
+  return `cannot decode image: ${[...new Set(lines)].join('; ') || 'unknown error'}`;
+}
+
 /** The per-image steps of the module comment, on encoded image bytes; no file IO. */
-async function bytesToInput(bytes: Uint8Array, size: number): Promise<KaggleResult> {
+async function bytesToInput(bytes: Uint8Array, size: number, maxPixels: number): Promise<KaggleResult> {
+  // The header first, before any pixel is decoded: the format and the size.
+  let format: string | undefined;
+  let width = 0;
+  let height = 0;
+  try {
+    // No pixel limit here (metadata decodes none): sharp's own default would answer a huge header with a bare
+    // "Input image exceeds pixel limit" instead of the size.
+    ({ format, width = 0, height = 0 } = await sharp(bytes, { limitInputPixels: false }).metadata());
+  } catch (err) {
+    return { ok: false, reason: decodeReason(err) };
+  }
+  if (!format || !DECODED_FORMATS.has(format)) return { ok: false, reason: `not a JPEG or PNG image (its content reads as ${format ?? 'unknown'})` };
+  if (width * height > maxPixels) {
+    return { ok: false, reason: `image is ${width} x ${height} = ${width * height} pixels, more than the limit of ${maxPixels} pixels` };
+  }
   let gray: Uint8Array;
   try {
     // Content is sniffed from the bytes (a '.jpg' may be a PNG). Alpha is flattened onto black, the MRI
-    // background; 16-bit input is scaled to 8 bits by the uchar cast.
-    const { data, info } = await sharp(bytes)
+    // background; 16-bit input is scaled to 8 bits by the uchar cast. limitInputPixels repeats the size check
+    // in the decoder itself.
+    const { data, info } = await sharp(bytes, { limitInputPixels: maxPixels })
       .autoOrient()
       .flatten({ background: '#000000' })
       .greyscale()
@@ -566,7 +606,7 @@ async function bytesToInput(bytes: Uint8Array, size: number): Promise<KaggleResu
     if (info.width !== size || info.height !== size) throw new Error(`unexpected decoded size ${info.width}x${info.height}`);
     gray = firstChannel(data, info.channels, size * size);
   } catch (err) {
-    return { ok: false, reason: `cannot decode image: ${(err as Error).message}` };
+    return { ok: false, reason: decodeReason(err) };
   }
 
   const n = size * size;
@@ -606,10 +646,10 @@ async function bytesToInput(bytes: Uint8Array, size: number): Promise<KaggleResu
 
 /**
  * Preprocess every image under root and write outDir/images.npy (float32 N x S x S, processed images in
- * relPath order), outDir/labels.npy (uint8 N) and outDir/meta.json. Each file is written atomically and
- * meta.json last, so a reader that finds meta.json finds the arrays it describes. Rejected images are
- * listed in meta.json and the result; they do not fail the run. Output is deterministic: re-running on
- * the same input gives byte-identical files.
+ * relPath order), outDir/labels.npy (uint8 N) and outDir/meta.json, into a temporary folder that replaces outDir
+ * once all three are written (meta.json last), so a reader that finds meta.json finds the arrays it describes.
+ * Rejected images are listed in meta.json and the result; they do not fail the run. Output is deterministic:
+ * re-running on the same input gives byte-identical files.
  */
 export async function preprocessKaggleDataset(
   root: string,
@@ -659,10 +699,14 @@ export async function preprocessKaggleDataset(
     k++;
   }
 
-  const paths = kaggleFiles(outDir);
-  await writeFileAtomic(paths.images, encodeNpy(stack, [kept.length, size, size]));
-  await writeFileAtomic(paths.labels, encodeNpy(labels, [kept.length]));
-  await writeKaggleMeta(paths, { image_size: size, items: kept, rejected });
+  // The three files replace the folder together (meta.json written last inside a temporary folder): a worker
+  // killed between two renames must not leave a new images.npy beside the old meta.json of an earlier attempt.
+  await replaceDirAtomic(outDir, async (tmpDir) => {
+    const paths = kaggleFiles(tmpDir);
+    await writeFileAtomic(paths.images, encodeNpy(stack, [kept.length, size, size]));
+    await writeFileAtomic(paths.labels, encodeNpy(labels, [kept.length]));
+    await writeKaggleMeta(paths, { image_size: size, items: kept, rejected });
+  });
 
   const yes = kept.filter((it) => it.label === 1).length;
   return { processed: kept.length, rejected, labels: { yes, no: kept.length - yes } };

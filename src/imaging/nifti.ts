@@ -189,9 +189,14 @@ function declaredBytes(head: Buffer): number {
   const ndim = Math.max(0, Math.min(7, dim(0)));
   let voxels = 1;
   for (let k = 1; k <= ndim; k++) voxels *= Math.max(1, dim(k));
+  // The decoder reads the datatype's bytes per voxel and ignores bitpix, so a bitpix that lies (smaller than the
+  // datatype) must not cap the inflation below what the decoder then needs; an unknown datatype falls back to it.
   const bitpix = nifti2 ? i16(14) : i16(72);
-  const offset = nifti2 ? i64(168) : f32(108);
-  return Math.max(0, offset) + voxels * Math.max(1, bitpix / 8);
+  const bytes = SUPPORTED[nifti2 ? i16(12) : i16(70)]?.bytes ?? Math.max(1, bitpix / 8);
+  // A vox_offset that is not a number (NaN, infinite) or inside the header means "just after it", as in decodeNifti.
+  const raw = nifti2 ? i64(168) : f32(108);
+  const offset = Number.isFinite(raw) && raw > 0 ? raw : 0;
+  return offset + voxels * bytes;
 }
 
 /** `raw` must be ours to change (see decodeNifti). */
@@ -288,11 +293,28 @@ function decodeNifti(raw: Buffer, file: string): RawNiftiVolume {
   // Pass the header alone (no extensions, no voxels) so that the library neither parses extensions nor copies data.
   let header: nifti.NIFTI1 | nifti.NIFTI2;
   let headerBytes: number;
+  // The library takes the magic's word for the version and then fails on sizeof_hdr with a message of its own
+  // ("This does not appear to be a NIFTI file!"): say which field disagrees instead.
+  const sizeofHdr = [raw.readInt32LE(0), raw.readInt32BE(0)];
+  const magicSays = nifti.isNIFTI1(first) ? NIFTI1_HEADER_BYTES : nifti.isNIFTI2(first) ? NIFTI2_HEADER_BYTES : 0;
+  if (magicSays && !sizeofHdr.includes(magicSays)) {
+    throw new DataFileError(file, `not a NIfTI file: its magic says NIfTI-${magicSays === NIFTI1_HEADER_BYTES ? 1 : 2} but sizeof_hdr is ${sizeofHdr[0]} (${magicSays} expected)`);
+  }
+  // The library looks at 3 of the magic's 4 bytes; nibabel, and our own header copier (nifti-write.ts), at all 4.
+  const magicAt = magicSays === NIFTI1_HEADER_BYTES ? 344 : 4;
+  if (magicSays && raw[magicAt + 3] !== 0) {
+    const magic = raw.toString('latin1', magicAt, magicAt + 4);
+    throw new DataFileError(file, `not a NIfTI file: its magic is ${JSON.stringify(magic)}, expected "${magic.slice(0, 3)}\\0"`);
+  }
   try {
     if (nifti.isNIFTI1(first)) {
       headerBytes = NIFTI1_HEADER_BYTES;
       header = nifti.readHeader(first.slice(0, NIFTI1_HEADER_BYTES));
     } else if (nifti.isNIFTI2(first)) {
+      // isNIFTI2 looks at the magic alone; the library would read the rest of the 540 bytes past the end.
+      if (first.byteLength < NIFTI2_HEADER_BYTES) {
+        throw new DataFileError(file, `truncated: only ${raw.length} bytes, a NIfTI-2 header alone is ${NIFTI2_HEADER_BYTES}`);
+      }
       headerBytes = NIFTI2_HEADER_BYTES;
       header = nifti.readHeader(first);
     } else if (nifti.isNIFTI(first, true)) {
@@ -318,11 +340,20 @@ function decodeNifti(raw: Buffer, file: string): RawNiftiVolume {
   }
   const extra: number[] = [];
   for (let i = 4; i <= ndim; i++) extra.push(header.dims[i]);
+  // A 4th (or higher) dimension of 0 or less is no more valid than a 3rd: nibabel reads such a file as empty, and
+  // a writer copying this header (nifti-write.ts) would count no voxels.
+  const empty = extra.findIndex((d) => !Number.isInteger(d) || d < 1);
+  if (empty >= 0) throw new DataFileError(file, `invalid header: dimension ${empty + 4} is ${extra[empty]}`);
   if (extra.some((d) => d > 1)) {
     throw new DataFileError(file, `a ${ndim}-D volume (${header.dims.slice(1, ndim + 1).join('x')}) where a 3-D volume was expected`);
   }
   const pixAt = (i: number): number => (i <= ndim ? header.pixDims[i] : 1);
   const pixdim: [number, number, number] = [pixAt(1), pixAt(2), pixAt(3)];
+  // The voxel size goes into meta.json and volume measurements: NaN or infinite would become null there (JSON),
+  // or a NaN volume in ml.
+  for (let i = 0; i < 3; i++) {
+    if (!Number.isFinite(pixdim[i])) throw new DataFileError(file, `invalid header: pixdim[${i + 1}] (voxel size) is ${pixdim[i]}`);
+  }
 
   const code = header.datatypeCode;
   const info = SUPPORTED[code];
@@ -361,12 +392,44 @@ function decodeNifti(raw: Buffer, file: string): RawNiftiVolume {
     else b.swap64();
   }
   const src = info.view(region.buffer, region.byteOffset, n);
+  // nibabel's rule: a slope of 0, NaN or infinity means "no scaling" (the intercept is ignored with it); a valid
+  // slope with an intercept that is not a finite number is an error.
   const slope = header.scl_slope;
-  const inter = Number.isFinite(header.scl_inter) ? header.scl_inter : 0;
-  const scaled = Number.isFinite(slope) && slope !== 0 && !(slope === 1 && inter === 0);
+  const hasSlope = Number.isFinite(slope) && slope !== 0;
+  const inter = hasSlope ? header.scl_inter : 0;
+  if (!Number.isFinite(inter)) throw new DataFileError(file, `invalid header: scl_slope is ${slope} but scl_inter is ${inter}`);
+  const scaled = hasSlope && !(slope === 1 && inter === 0);
+  if (scaled || info.name === 'float64') checkFloat32Range(src, scaled ? slope : 1, scaled ? inter : 0, file);
   const world = worldMatrix(header, first, headerBytes === NIFTI2_HEADER_BYTES);
   const axisCodes = world && axisCodesOf(world);
   return { dims, pixdim, datatype: info.name, axisCodes, raw: src, slope: scaled ? slope : 1, inter: scaled ? inter : 0 };
+}
+
+/** Largest finite float32. */
+const FLOAT32_MAX = 3.4028234663852886e38;
+
+/**
+ * Every consumer turns voxels into float32 after scaling (toFloat32, the slicing in brats.ts). A scaling that takes
+ * the stored values past float32's range (an int16 with scl_slope 3e38) would turn them into infinities and, after
+ * the z-score, into NaN everywhere: refuse it here, naming the values. One pass over the stored values (min and
+ * max; the scaled extremes are at them, the scaling being linear). NaN voxels of a float file are left to the
+ * consumers, which refuse them by name.
+ */
+function checkFloat32Range(raw: NumericArray, slope: number, inter: number, file: string): void {
+  let min = Infinity;
+  let max = -Infinity;
+  for (let i = 0; i < raw.length; i++) {
+    const v = raw[i]!;
+    if (v < min) min = v;
+    if (v > max) max = v;
+  }
+  if (min > max) return; // no voxels, or NaN only
+  const a = min * slope + inter;
+  const b = max * slope + inter;
+  if (Math.abs(a) <= FLOAT32_MAX && Math.abs(b) <= FLOAT32_MAX) return;
+  const limit = `not finite in float32 (largest ${FLOAT32_MAX.toExponential(4)})`;
+  if (slope === 1 && inter === 0) throw new DataFileError(file, `the stored values span [${min}, ${max}], ${limit}`);
+  throw new DataFileError(file, `scl_slope ${slope} and scl_inter ${inter} scale the stored values [${min}, ${max}] to [${Math.min(a, b)}, ${Math.max(a, b)}], ${limit}`);
 }
 
 /** Apply the scaling and convert to float32 (in place when the stored data already is float32). */

@@ -12,6 +12,12 @@ import { DataFileError } from '../lib/errors.js';
 
 const MAGIC = Buffer.from([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59]); // \x93NUMPY
 const ALIGN = 64;
+/**
+ * Longest header dict we read. Ours are under 128 bytes and format 1.0 cannot exceed 65535; a 2.0/3.0 header
+ * length field can claim 4 GiB, which readers would otherwise try to buffer (numpy itself refuses headers over
+ * 10000 bytes by default).
+ */
+const MAX_HEADER_BYTES = 65535;
 
 interface NpyArray {
   data: Float32Array | Uint8Array;
@@ -98,6 +104,7 @@ function parseNpyHeader(buf: Buffer, file: string): NpyHeader | null {
   const start = 8 + lengthBytes;
   if (buf.length < start) return null;
   const headerLen = lengthBytes === 2 ? buf.readUInt16LE(8) : buf.readUInt32LE(8);
+  if (headerLen > MAX_HEADER_BYTES) throw new DataFileError(file, `.npy header length ${headerLen} is more than the ${MAX_HEADER_BYTES} bytes supported`);
   if (buf.length < start + headerLen) return null;
   const header = buf.toString(major === 3 ? 'utf8' : 'latin1', start, start + headerLen);
 

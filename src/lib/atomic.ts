@@ -1,24 +1,147 @@
-import { mkdir, rename, rm, writeFile } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { SliceWiseError } from './errors.ts';
+
+/**
+ * Temporary names carry host and pid: a process killed mid-write (kill -9, out of memory) leaves its temporary
+ * behind, and a later writer there removes those whose process is gone. Only this host's: a pid says nothing
+ * about another machine sharing the data dir. No '-' in the host part, so the name parses back.
+ */
+const HOST = hostname().replace(/[^A-Za-z0-9_.]/g, '_');
+const STALE = /\.(?:tmp|old)-([A-Za-z0-9_.]+)-(\d+)-[0-9a-f]{8}$/;
+
+function tempSuffix(what: 'tmp' | 'old'): string {
+  return `.${what}-${HOST}-${process.pid}-${randomBytes(4).toString('hex')}`;
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Removes the temporaries that dead writers on this host left in `parent` (of `parent/name` alone, when given). */
+async function sweepStale(parent: string, name?: string): Promise<void> {
+  const entries = await readdir(parent).catch(() => [] as string[]);
+  for (const e of entries) {
+    const m = STALE.exec(e);
+    if (!m || m[1] !== HOST || (name !== undefined && (m.index !== name.length || !e.startsWith(name)))) continue;
+    const pid = Number(m[2]);
+    if (pid !== process.pid && !processAlive(pid)) await rm(join(parent, e), { recursive: true, force: true }).catch(() => undefined);
+  }
+}
+
+/** The disk is out of room (or of quota, or of the file size this process may write). */
+const NO_SPACE = new Set(['ENOSPC', 'EDQUOT', 'EFBIG']);
+
+/**
+ * A write that failed, naming the file: Node's own message for a failed write ("EFBIG: file too large, write")
+ * names none. Not a 4xx: a full or read-only disk is the machine's state, not bad input, so the step is retried.
+ */
+export class FileWriteError extends SliceWiseError {
+  readonly path: string;
+  constructor(path: string, err: unknown) {
+    const errno = (err as NodeJS.ErrnoException)?.code;
+    super(`cannot write ${path}: ${(err as Error)?.message ?? String(err)}`, {
+      status: errno && NO_SPACE.has(errno) ? 507 : 500,
+      code: 'write_failed',
+      details: { path, ...(errno ? { errno } : {}) },
+      cause: err,
+    });
+    this.name = 'FileWriteError';
+    this.path = path;
+  }
+}
+
+/**
+ * Folders this process has swept of dead writers' temporary files: once each, as a folder of many outputs (a
+ * prediction's thousands of masks) would otherwise be listed for every file. A process that starts again
+ * rewrites what it was writing, and sweeps then. Forgotten past a bound: a worker lives for months.
+ */
+const swept = new Set<string>();
+async function sweepOnce(dir: string): Promise<void> {
+  if (swept.has(dir)) return;
+  if (swept.size >= 10_000) swept.clear();
+  swept.add(dir);
+  await sweepStale(dir);
+}
 
 /**
  * Write a file so that readers see either the old content or the new, never half of it: BullMQ delivers a
  * job at least once, and a worker killed mid-write must not leave a truncated output that a retry trusts.
  */
 export async function writeFileAtomic(path: string, data: string | Uint8Array | NodeJS.ArrayBufferView): Promise<void> {
-  await mkdir(dirname(path), { recursive: true });
-  const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  const tmp = `${path}${tempSuffix('tmp')}`;
   try {
+    await mkdir(dirname(path), { recursive: true });
+    await sweepOnce(dirname(path));
     await writeFile(tmp, data as Uint8Array);
     await rename(tmp, path);
   } catch (err) {
-    await rm(tmp, { force: true });
-    throw err;
+    // The partial temp file of a full disk would take up the room a retry needs.
+    await rm(tmp, { force: true }).catch(() => undefined);
+    throw new FileWriteError(path, err);
   }
 }
 
 /** Same contract for a JSON document (pretty-printed, trailing newline). */
 export function writeJsonAtomic(path: string, value: unknown): Promise<void> {
   return writeFileAtomic(path, JSON.stringify(value, null, 2) + '\n');
+}
+
+/** A sibling of `dir` for a temporary or discarded copy: hidden (dot), unique, on the same filesystem for rename. */
+function siblingName(dir: string, what: 'tmp' | 'old'): string {
+  return join(dirname(dir), `.${basename(dir)}${tempSuffix(what)}`);
+}
+
+/** Move `dir` out of the way (one rename, so no reader sees it half deleted), then delete it. Absent is fine. */
+export async function removeDirAtomic(dir: string): Promise<void> {
+  const old = siblingName(dir, 'old');
+  try {
+    await rename(dir, old);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw new FileWriteError(dir, err);
+  }
+  await rm(old, { recursive: true, force: true });
+}
+
+/**
+ * Replace the folder `dir` with one whose files `fill` writes into a fresh temporary folder: readers see the old
+ * folder, then (briefly) none, then the new one complete, never a mix of old and new files or a partial set (a
+ * process killed mid-way leaves only a hidden temporary sibling). For outputs made of several files, where renaming
+ * each file into place would leave a window with some new and some old. When `fill` fails nothing is replaced.
+ */
+export async function replaceDirAtomic(dir: string, fill: (tmpDir: string) => Promise<void>): Promise<void> {
+  const tmp = siblingName(dir, 'tmp');
+  try {
+    await mkdir(tmp, { recursive: true });
+    await sweepStale(dirname(dir), `.${basename(dir)}`);
+  } catch (err) {
+    throw new FileWriteError(tmp, err);
+  }
+  try {
+    await fill(tmp);
+    // rename() replaces an empty folder but not a full one: move the old one aside and try again. A concurrent
+    // attempt at the same output (a job delivered twice) may put its own folder back in between; a few rounds
+    // settle it, and either attempt's folder is a complete one.
+    for (let round = 0; ; round++) {
+      try {
+        await rename(tmp, dir);
+        return;
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if ((code !== 'ENOTEMPTY' && code !== 'EEXIST') || round >= 5) throw new FileWriteError(dir, err);
+      }
+      await removeDirAtomic(dir);
+    }
+  } catch (err) {
+    await rm(tmp, { recursive: true, force: true }).catch(() => undefined);
+    throw err;
+  }
 }
