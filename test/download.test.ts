@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import * as tar from 'tar';
-import { buildZip } from './helpers/zip.ts';
+import { buildZip, tarEntry } from './helpers/zip.ts';
 import { parseSource, describeSource, formatSource, ACCEPTED_SOURCE_FORMS } from '../src/download/sources.ts';
 import { downloadFile } from '../src/download/fetch.ts';
 import { extractArchive } from '../src/download/extract.ts';
@@ -82,28 +82,6 @@ async function listFiles(root: string): Promise<string[]> {
   return out.sort();
 }
 
-/** One ustar entry (header + padded data), written by hand so that hostile names survive. */
-function tarEntry(name: string, data: string, type = '0', linkName = ''): Buffer {
-  const h = Buffer.alloc(512);
-  h.write(name, 0, 'utf8');
-  h.write('0000644\0', 100);
-  h.write('0000000\0', 108);
-  h.write('0000000\0', 116);
-  h.write(Buffer.byteLength(data).toString(8).padStart(11, '0') + '\0', 124);
-  h.write('00000000000\0', 136);
-  h.write('        ', 148);
-  h.write(type, 156);
-  h.write(linkName, 157);
-  h.write('ustar\0', 257);
-  h.write('00', 263);
-  let sum = 0;
-  for (const b of h) sum += b;
-  h.write(sum.toString(8).padStart(6, '0') + '\0 ', 148);
-  const body = Buffer.alloc(Math.ceil(Buffer.byteLength(data) / 512) * 512);
-  body.write(data);
-  return Buffer.concat([h, body]);
-}
-
 function sha256(b: Buffer): string {
   return createHash('sha256').update(b).digest('hex');
 }
@@ -161,6 +139,18 @@ afterAll(async () => {
   await rm(tmp, { recursive: true, force: true });
 });
 
+// Every server here listens on loopback, which downloads reach only when the operator allows private networks
+// (test/sources-security.test.ts checks the refusal without it).
+let savedAllowPrivate: string | undefined;
+beforeAll(() => {
+  savedAllowPrivate = process.env.SLICEWISE_ALLOW_PRIVATE_NETWORKS;
+  process.env.SLICEWISE_ALLOW_PRIVATE_NETWORKS = '1';
+});
+afterAll(() => {
+  if (savedAllowPrivate === undefined) delete process.env.SLICEWISE_ALLOW_PRIVATE_NETWORKS;
+  else process.env.SLICEWISE_ALLOW_PRIVATE_NETWORKS = savedAllowPrivate;
+});
+
 const KAGGLE_ENV = ['KAGGLE_USERNAME', 'KAGGLE_KEY', 'KAGGLE_CONFIG_DIR', 'KAGGLE_API_BASE'] as const;
 const savedEnv: Partial<Record<string, string | undefined>> = {};
 beforeAll(() => {
@@ -208,6 +198,7 @@ describe('parseSource / describeSource', () => {
       'kaggle:../x/y',
       'http://example.org/a.zip',
       'ftp://example.org/a.zip',
+      'file:///etc/passwd',
       'https://example.org/a.zip#md5=abc',
       'https://example.org/a.zip#sha256=abc',
     ];
@@ -512,7 +503,7 @@ describe('extractArchive safety', () => {
     expect(await exists('/tmp/slicewise-evil.txt')).toBe(false);
   });
 
-  it('rejects tar entries escaping the destination and skips links', async () => {
+  it('rejects tar entries escaping the destination and skips links that stay inside', async () => {
     for (const name of ['../evil.txt', 'a/../../evil.txt', '/tmp/slicewise-evil-tar.txt']) {
       const root = await mkdtemp(join(tmp, 'tarslip-'));
       const archive = join(root, 'evil.tgz');
@@ -526,7 +517,7 @@ describe('extractArchive safety', () => {
 
     const root = await mkdtemp(join(tmp, 'tarlink-'));
     const archive = join(root, 'links.tar');
-    await writeFile(archive, Buffer.concat([tarEntry('fine.txt', 'fine'), tarEntry('etc', '', '2', '/etc'), tarEntry('pw', '', '1', '../../etc/passwd'), Buffer.alloc(1024)]));
+    await writeFile(archive, Buffer.concat([tarEntry('fine.txt', 'fine'), tarEntry('sub/here', '', '2', '../fine.txt'), tarEntry('again', '', '1', 'fine.txt'), Buffer.alloc(1024)]));
     const r = await extractArchive(archive, join(root, 'out'));
     expect(r).toMatchObject({ format: 'tar', entries: 1, skipped: 2 });
     expect((await readdir(r.dir)).sort()).toEqual(['.complete', 'fine.txt']);

@@ -9,7 +9,13 @@ import { eq } from 'drizzle-orm';
 import { encodeNifti } from '../src/imaging/nifti-write.ts';
 import { patients } from '../src/db/schema.ts';
 import { jobId } from '../src/queues/names.ts';
+import { tmpdir } from 'node:os';
 import { harness, harnessWithScratch, json, postRun, waitForRun, type Harness } from './helpers/services.ts';
+
+// The cases are scratch folders under the temp dir, and the cancel test downloads from a loopback server: runs
+// may read and reach neither unless the operator allows it, as this file does.
+process.env.SLICEWISE_ALLOWED_ROOTS = tmpdir();
+process.env.SLICEWISE_ALLOW_PRIVATE_NETWORKS = '1';
 
 /** A small BraTS-2020-named case: a bright ellipsoid with a tumour blob, seg labels {0, 2}. */
 function volume(dims: [number, number, number], tumour = true) {

@@ -6,6 +6,9 @@ import { kaggleImages } from '../src/db/schema.ts';
 import { decodeNpy } from '../src/imaging/npy.ts';
 import { FIXTURES, harness, json, postRun, waitForRun, type Harness } from './helpers/services.ts';
 
+// The fixtures are read in place: a folder runs may read only when the operator allows it.
+process.env.SLICEWISE_ALLOWED_ROOTS = FIXTURES;
+
 /** The real fixtures through the whole data run, read in place (path: sources), on a real Postgres. */
 describe('data-only run on the real fixtures', () => {
   let h: Harness;

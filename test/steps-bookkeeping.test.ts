@@ -6,7 +6,11 @@
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { tmpdir } from 'node:os';
 import { harnessWithScratch, json, postRun, waitForRun } from './helpers/services.ts';
+
+// The bad sources are scratch folders under the temp dir, which runs may read only when the operator allows it.
+process.env.SLICEWISE_ALLOWED_ROOTS = tmpdir();
 
 /** The JSON types of an object's values: what "the same shape" means for a row. */
 function shape(o: Record<string, unknown>): Record<string, string> {

@@ -9,6 +9,8 @@ import { Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { SliceWiseError } from '../lib/errors.ts';
 import { isLoopbackHost, redactUrl } from './sources.ts';
+import { pinnedLookup, resolvePublic, type NetworkPolicy } from './network.ts';
+import { env } from '../env.ts';
 
 export interface DownloadOptions {
   /** Expected sha256 (hex). Mismatch: SliceWiseError 'checksum_mismatch', and the partial file is deleted. */
@@ -25,6 +27,12 @@ export interface DownloadOptions {
   timeoutMs?: number;
   /** Default 10. */
   maxRedirects?: number;
+  /** Which hosts may be reached (every redirect hop is checked). Default: public addresses only, unless
+   *  SLICEWISE_ALLOW_PRIVATE_NETWORKS=1. */
+  network?: NetworkPolicy;
+  /** The largest file accepted, checked against Content-Length and counted while streaming. Default:
+   *  SLICEWISE_EXTRACT_MAX_BYTES (an archive larger than what it may extract to is refused anyway). */
+  maxBytes?: number;
 }
 
 export interface DownloadResult {
@@ -84,11 +92,15 @@ function deleteHeader(headers: OutgoingHttpHeaders, name: string): void {
   for (const k of Object.keys(headers)) if (k.toLowerCase() === name) delete headers[k];
 }
 
-/** One GET, no redirect handling. Resolves on the response head. */
-function requestOnce(url: URL, headers: OutgoingHttpHeaders, signal: AbortSignal | undefined, timeoutMs: number): Promise<IncomingMessage> {
+/**
+ * One GET, no redirect handling. Resolves on the response head. The host is checked against the network policy
+ * first and the socket connects to the very address that was checked (no second DNS answer in between).
+ */
+async function requestOnce(url: URL, headers: OutgoingHttpHeaders, signal: AbortSignal | undefined, timeoutMs: number, network: NetworkPolicy): Promise<IncomingMessage> {
   const mod = url.protocol === 'https:' ? https : http;
+  const pinned = await resolvePublic(url, network);
   return new Promise((resolve, reject) => {
-    const req = mod.request(url, { method: 'GET', headers, signal, timeout: timeoutMs, agent: false }, resolve);
+    const req = mod.request(url, { method: 'GET', headers, signal, timeout: timeoutMs, agent: false, ...(pinned ? { lookup: pinnedLookup(pinned) } : {}) }, resolve);
     req.on('timeout', () => {
       req.destroy(markRetryable(new SliceWiseError(`GET ${redactUrl(url.toString())}: no data for ${timeoutMs} ms`, { status: 504, code: 'download_timeout' })));
     });
@@ -107,11 +119,21 @@ async function openUrl(
   signal: AbortSignal | undefined,
   timeoutMs: number,
   maxRedirects: number,
+  network: NetworkPolicy,
 ): Promise<{ res: IncomingMessage; url: URL }> {
   let url = start;
   const headers: OutgoingHttpHeaders = { ...baseHeaders };
   for (let hop = 0; ; hop++) {
-    const res = await requestOnce(url, headers, signal, timeoutMs);
+    let res: IncomingMessage;
+    try {
+      res = await requestOnce(url, headers, signal, timeoutMs, network);
+    } catch (err) {
+      // A refused hop says where the redirect came from: the caller only named the first URL.
+      if (hop > 0 && err instanceof SliceWiseError && err.code === 'private_address') {
+        throw new SliceWiseError(`GET ${redactUrl(start.toString())} redirected (hop ${hop}): ${err.message}`, { status: err.status, code: err.code, details: err.details, cause: err });
+      }
+      throw err;
+    }
     const status = res.statusCode ?? 0;
     if (![301, 302, 303, 307, 308].includes(status)) return { res, url };
     res.resume();
@@ -237,11 +259,12 @@ export async function downloadFile(url: string, dest: string, opts: DownloadOpti
   const retries = opts.retries ?? 3;
   const timeoutMs = opts.timeoutMs ?? 60_000;
   const maxRedirects = opts.maxRedirects ?? 10;
+  const maxBytes = opts.maxBytes ?? env().extractMaxBytes;
   let lastErr: unknown;
   for (let attempt = 0; attempt <= retries; attempt++) {
     if (attempt > 0) await sleep(Math.min(8000, 250 * 2 ** (attempt - 1)), opts.signal);
     try {
-      return await attemptDownload(start, shownUrl, dest, part, headers, expected, opts, timeoutMs, maxRedirects);
+      return await attemptDownload(start, shownUrl, dest, part, headers, expected, opts, timeoutMs, maxRedirects, maxBytes);
     } catch (err) {
       lastErr = err;
       if (isAbort(err, opts.signal) || !isRetryable(err)) throw err;
@@ -287,6 +310,7 @@ async function attemptDownload(
   opts: DownloadOptions,
   timeoutMs: number,
   maxRedirects: number,
+  maxBytes: number,
 ): Promise<DownloadResult> {
   let offset = (await fileSize(part)) ?? 0;
   const metaPath = part + '.meta';
@@ -297,7 +321,7 @@ async function attemptDownload(
   if (offset > 0) headers.range = `bytes=${offset}-`;
   if (validator) headers['if-range'] = validator;
 
-  const { res, url } = await openUrl(start, headers, opts.signal, timeoutMs, maxRedirects);
+  const { res, url } = await openUrl(start, headers, opts.signal, timeoutMs, maxRedirects, opts.network ?? {});
   const status = res.statusCode ?? 0;
   const contentLength = res.headers['content-length'] !== undefined ? Number(res.headers['content-length']) : undefined;
   let total: number | undefined;
@@ -344,6 +368,16 @@ async function attemptDownload(
     throw upstreamError(status, res.statusMessage, url.toString());
   }
 
+  const tooLarge = (n: number) =>
+    new SliceWiseError(`GET ${shownUrl}: the file is ${n === total ? '' : 'over '}${n} bytes, more than the limit of ${maxBytes} (SLICEWISE_EXTRACT_MAX_BYTES)`, {
+      status: 422,
+      code: 'download_too_large',
+      details: { url: shownUrl, bytes: n, limit: maxBytes },
+    });
+  if (total !== undefined && total > maxBytes) {
+    res.destroy(); // not read: it is the size that is refused
+    throw tooLarge(total);
+  }
   const hash = createHash('sha256');
   if (offset > 0) await hashFile(part, hash);
   let bytes = offset;
@@ -360,11 +394,19 @@ async function attemptDownload(
     transform(chunk: Buffer, _enc, cb) {
       hash.update(chunk);
       bytes += chunk.length;
+      // A server that says nothing of the size, or lies about it, is stopped at the limit, not at a full disk.
+      if (bytes > maxBytes) return cb(tooLarge(bytes));
       report(false);
       cb(null, chunk);
     },
   });
-  await pipeline(res, meter, createWriteStream(part, { flags: offset > 0 ? 'a' : 'w' }), { signal: opts.signal });
+  try {
+    await pipeline(res, meter, createWriteStream(part, { flags: offset > 0 ? 'a' : 'w' }), { signal: opts.signal });
+  } catch (err) {
+    // Nothing worth resuming: the same file would be refused again.
+    if (err instanceof SliceWiseError && err.code === 'download_too_large') await dropPartial(part);
+    throw err;
+  }
   report(true);
   if (total !== undefined && bytes !== total) {
     throw markRetryable(

@@ -1,6 +1,5 @@
 import { createHash } from 'node:crypto';
 import { readdir, readFile, rm, stat } from 'node:fs/promises';
-import { homedir } from 'node:os';
 import { basename, dirname, join, relative, resolve } from 'node:path';
 import { SliceWiseError } from '../lib/errors.ts';
 import { writeFileAtomic, writeJsonAtomic } from '../lib/atomic.ts';
@@ -9,6 +8,7 @@ import { describeSource, type Source } from './sources.ts';
 import { downloadFile } from './fetch.ts';
 import { extractArchive, COMPLETE_MARKER } from './extract.ts';
 import { downloadKaggleDataset } from './kaggle-api.ts';
+import { expandHome } from './policy.ts';
 
 export { parseSource, describeSource, redactUrl, ACCEPTED_SOURCE_FORMS, type Source } from './sources.ts';
 export { downloadFile, type DownloadOptions, type DownloadResult } from './fetch.ts';
@@ -52,10 +52,6 @@ async function statOrUndefined(path: string) {
   } catch {
     return undefined;
   }
-}
-
-function expandHome(p: string): string {
-  return p === '~' ? homedir() : p.startsWith('~/') ? join(homedir(), p.slice(2)) : p;
 }
 
 function abortIfNeeded(signal?: AbortSignal): void {

@@ -101,6 +101,7 @@ export async function downloadKaggleDataset(owner: string, dataset: string, dest
   }
   const creds = opts.credentials ?? kaggleCredentials();
   const apiBase = (opts.apiBase ?? env().kaggleApiBase).replace(/\/+$/, '');
+  if (!URL.canParse(apiBase)) throw new SliceWiseError(`KAGGLE_API_BASE=${apiBase} is not a URL`, { status: 500, code: 'bad_env', details: { name: 'KAGGLE_API_BASE' } });
   const url = `${apiBase}/datasets/download/${encodeURIComponent(owner)}/${encodeURIComponent(dataset)}`;
   const zipPath = join(destDir, 'download', `${owner}__${dataset}.zip`);
   const ref = `kaggle:${owner}/${dataset}`;
@@ -111,6 +112,9 @@ export async function downloadKaggleDataset(owner: string, dataset: string, dest
     const r = await downloadFile(url, zipPath, {
       signal: opts.signal,
       retries: opts.retries,
+      // The API base is the operator's setting (tests point it at loopback), not a caller's: its host is not
+      // checked. The storage host Kaggle redirects to is, like any other.
+      network: { trustedOrigins: [new URL(apiBase).origin] },
       headers: { authorization: 'Basic ' + Buffer.from(`${creds.username}:${creds.key}`).toString('base64') },
       onProgress: (done, total) => opts.onProgress?.(`downloading ${ref}`, done, total),
     });

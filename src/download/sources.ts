@@ -63,7 +63,9 @@ function badSource(spec: string, reason: string): SliceWiseError {
  * Parse a source spec:
  *   `synthetic`, `synthetic:N`, `path:DIR_OR_ARCHIVE`, `https://...[#sha256=<64 hex>]`, `kaggle:OWNER/DATASET`.
  * Plain `http://` is accepted only for loopback hosts (127.0.0.0/8, localhost, [::1]) so tests can run a
- * local server; anything else must be https. Throws SliceWiseError(400, 'bad_source') listing the forms.
+ * local server, which downloads then reach only with SLICEWISE_ALLOW_PRIVATE_NETWORKS=1 (network.ts); anything
+ * else must be https. `file:` and other schemes are refused. Throws SliceWiseError(400, 'bad_source') listing
+ * the forms. This checks the form only: where a source may point is policy.ts's question.
  */
 const CREDENTIAL_PARAM = /^(x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|signature|sig|token|access_token|api_key|apikey|key|password|secret)$/i;
 
@@ -92,6 +94,13 @@ export function parseSource(spec: string): Source {
       throw badSource(s, 'expected kaggle:OWNER/DATASET (letters, digits, "-", "_", ".")');
     }
     return { kind: 'kaggle', owner: parts[0]!, dataset: parts[1]! };
+  }
+
+  if (/^file:/i.test(s)) {
+    throw badSource(s, 'file: URLs are not accepted; a local folder or archive is path:DIR_OR_ARCHIVE, read only under the folders the operator allowed');
+  }
+  if (/^[a-z][a-z0-9+.-]*:\/\//i.test(s) && !/^https?:\/\//i.test(s)) {
+    throw badSource(s, `unsupported URL scheme ${JSON.stringify(s.slice(0, s.indexOf(':') + 1).toLowerCase())}; downloads are https://`);
   }
 
   if (/^https?:\/\//i.test(s)) {
