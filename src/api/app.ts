@@ -1,4 +1,4 @@
-import { Hono } from 'hono';
+import { Hono, type Context } from 'hono';
 import { createBullBoard } from '@bull-board/api';
 import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { HonoAdapter } from '@bull-board/hono';
@@ -6,8 +6,11 @@ import { serveStatic } from '@hono/node-server/serve-static';
 import type { AppContext } from '../context.ts';
 import { pingDb } from '../db/client.ts';
 import type { DemoService } from '../serving/demo-service.ts';
+import { SliceWiseError } from '../lib/errors.ts';
+import { requireToken, roleOf, type AuthVariables, type TokenStore } from './auth.ts';
 import { demoRoutes } from './demo.ts';
 import { errorResponse } from './errors.ts';
+import { loginRoutes } from './login.ts';
 import { runsRoutes } from './runs.ts';
 import { uiRoutes } from './ui.ts';
 
@@ -18,12 +21,22 @@ export interface ApiOptions {
   bullBoard?: boolean;
   /** Serve the demo (its endpoints, /model/info and the page /ui/demo) with this model service. Default: none. */
   demo?: DemoService;
+  /**
+   * Require a token (roles `user` and `admin`) on every route but /healthz and the login pages. Default: none,
+   * an open API, which `slicewise api` allows on loopback only.
+   */
+  auth?: TokenStore;
 }
 
-export function createApp(ctx: AppContext, { bullBoard = true, demo }: ApiOptions = {}) {
-  const app = new Hono();
+export function createApp(ctx: AppContext, { bullBoard = true, demo, auth }: ApiOptions = {}) {
+  const app = new Hono<{ Variables: AuthVariables }>();
   app.onError(errorResponse);
-  app.notFound((c) => c.json({ error: { code: 'not_found', message: `no route for ${c.req.method} ${c.req.path}` } }, 404));
+  const notFound = (c: Context) => c.json({ error: { code: 'not_found', message: `no route for ${c.req.method} ${c.req.path}` } }, 404);
+  app.notFound(notFound);
+  if (auth) {
+    app.use('*', requireToken(auth));
+    app.route('/', loginRoutes(auth, ctx.logger));
+  }
 
   app.get('/healthz', async (c) => {
     const check = async (fn: () => Promise<unknown>) => {
@@ -48,10 +61,30 @@ export function createApp(ctx: AppContext, { bullBoard = true, demo }: ApiOption
   app.route('/ui', uiRoutes(ctx, { bullBoard: bullBoard ? BULL_BOARD_PATH : null, demo: demo ? { maxUploadBytes: demo.limits.maxUploadBytes } : null }));
 
   if (bullBoard) {
-    const board = new HonoAdapter(serveStatic);
-    createBullBoard({ queues: Object.values(ctx.queues).map((q) => new BullMQAdapter(q, { readOnlyMode: false })), serverAdapter: board, options: { uiConfig: { boardTitle: 'SliceWise queues' } } });
-    board.setBasePath(BULL_BOARD_PATH);
-    app.route(BULL_BOARD_PATH, board.registerPlugin());
+    // Two boards over the same queues: admins get the actions (retry, clean, promote, remove, pause...), users a
+    // read-only one whose UI hides them and whose API refuses them. Refusing every non-GET of its API to a
+    // non-admin below is the second lock, in case a Bull Board upgrade lets a read-only board change something.
+    const boards = { admin: boardApp(ctx, false, notFound), user: boardApp(ctx, true, notFound) };
+    const serveBoard = (c: Context<{ Variables: AuthVariables }>) => {
+      const role = roleOf(c, Boolean(auth));
+      if (role !== 'admin' && c.req.path.startsWith(`${BULL_BOARD_PATH}/api/`) && c.req.method !== 'GET' && c.req.method !== 'HEAD') {
+        throw new SliceWiseError(`Bull Board's actions need an admin token; token ${c.get('principal')?.name} has the ${role} role (read-only)`, { status: 403, code: 'forbidden' });
+      }
+      return boards[role].fetch(c.req.raw, c.env);
+    };
+    app.all(BULL_BOARD_PATH, serveBoard);
+    app.all(`${BULL_BOARD_PATH}/*`, serveBoard);
   }
+  return app;
+}
+
+/** One Bull Board at BULL_BOARD_PATH over the context's queues, read-only or not. */
+function boardApp(ctx: AppContext, readOnlyMode: boolean, notFound: (c: Context) => Response) {
+  const board = new HonoAdapter(serveStatic);
+  createBullBoard({ queues: Object.values(ctx.queues).map((q) => new BullMQAdapter(q, { readOnlyMode })), serverAdapter: board, options: { uiConfig: { boardTitle: 'SliceWise queues' } } });
+  board.setBasePath(BULL_BOARD_PATH);
+  const app = new Hono().route(BULL_BOARD_PATH, board.registerPlugin());
+  app.onError(errorResponse);
+  app.notFound(notFound);
   return app;
 }
