@@ -3,28 +3,79 @@
  * run was cancelled), and writes pipeline_results.json beside the run.
  */
 import { Job } from 'bullmq';
-import { eq } from 'drizzle-orm';
+import { and, eq } from 'drizzle-orm';
 import type { AppContext } from '../context.ts';
-import { steps } from '../db/schema.ts';
+import { patients, steps } from '../db/schema.ts';
 import { runPaths, writePipelineResults } from '../disk/layout.ts';
 import { buildResults } from '../runs/results.ts';
-import { closeOpenSteps, finishRun, getRunRow, stepSucceeded } from '../runs/store.ts';
-import { defineStep, RunJobData } from './define.ts';
+import { closeOpenSteps, finishRun, getRunRow, stepFailed, stepSucceeded, upsertPatient } from '../runs/store.ts';
+import { defineStep, RunJobData, type StepDefinition } from './define.ts';
+import { preprocessPatientStep } from './preprocess-patient.ts';
+
+/** The per-patient steps (not the registry: it imports this file). */
+const SHARD_STEPS: StepDefinition[] = [preprocessPatientStep];
+
+/** BullMQ's reason for a job whose worker died holding it more often than maxStalledCount allows. */
+const STALLED_REASON = 'job stalled more than allowable limit';
+
+/** A job's key as BullMQ writes it in a parent's records: <prefix>:<queue>:<id>. */
+async function jobOfKey(ctx: AppContext, key: string): Promise<Job | undefined> {
+  const parts = key.split(':');
+  const id = parts.pop()!;
+  const queue = ctx.queues[parts.pop() as keyof typeof ctx.queues];
+  return queue ? Job.fromId(queue, id) : undefined;
+}
+
+interface Failure {
+  /** The step whose row carries it (a shard's is its parent step's). */
+  step?: string;
+  patientId?: string;
+  message: string;
+}
 
 /**
  * Follows a failed dependency down to the job that failed first: a parent failed by failParentOnFailure only
- * says "child X failed", while the child's own reason names the patient and the file.
+ * says "child X failed", while the child's own reason names the patient and the file. A job BullMQ failed by
+ * itself (its worker died on it too often) never went through the runner, so its reason names nothing: this says
+ * which step and patient it was.
  */
-async function rootCause(ctx: AppContext, reason: string, depth = 0): Promise<string> {
-  const m = /child (\S+) failed/.exec(reason);
-  if (!m || depth > 5) return reason;
-  const parts = m[1]!.split(':'); // <prefix>:<queue>:<id>
-  const id = parts.pop()!;
-  const queue = parts.pop()!;
-  const q = ctx.queues[queue as keyof typeof ctx.queues];
-  const child = q ? await Job.fromId(q, id) : undefined;
-  if (!child?.failedReason) return reason;
-  return rootCause(ctx, child.failedReason, depth + 1);
+async function firstFailure(ctx: AppContext, key: string, reason: string): Promise<Failure> {
+  let job = await jobOfKey(ctx, key);
+  for (let depth = 0; depth < 6; depth++) {
+    const m = /child (\S+) failed/.exec(reason);
+    const child = m ? await jobOfKey(ctx, m[1]!) : undefined;
+    if (!child?.failedReason) break;
+    job = child;
+    reason = child.failedReason;
+  }
+  if (!job) return { message: reason };
+  const def = SHARD_STEPS.find((d) => d.name === job.name);
+  const data = def?.data.safeParse(job.data);
+  const shard = data?.success ? def!.shard : undefined;
+  const patientId = shard ? (shard.patientId(data!.data) as string) : undefined;
+  let message = reason;
+  if (reason === STALLED_REASON) {
+    // Not processedBy: that is the worker that took the job once more only to fail it.
+    message = `its worker process died ${job.stalledCounter} times while running it; not tried again (${reason})`;
+  }
+  if (patientId && !message.includes(patientId)) message = `patient ${patientId}: ${message}`;
+  return { step: shard?.rollsUpInto ?? job.name, patientId, message };
+}
+
+/** Writes a failure the runner never saw into the rows it would have written: the patient's and the step's. */
+async function recordFailure(ctx: AppContext, runId: string, f: Failure): Promise<void> {
+  if (!f.step) return;
+  const details = { step: f.step, ...(f.patientId ? { patientId: f.patientId } : {}) };
+  if (f.patientId) {
+    const [row] = await ctx.db
+      .select({ status: patients.status })
+      .from(patients)
+      .where(and(eq(patients.runId, runId), eq(patients.patientId, f.patientId)));
+    // A row the runner already failed keeps its own words.
+    if (row?.status !== 'failed') await upsertPatient(ctx.db, { runId, patientId: f.patientId, status: 'failed', error: f.message });
+  }
+  // Guarded: a step row the runner already settled is left as it is.
+  await stepFailed(ctx.db, runId, f.step, { message: f.message, details, final: true });
 }
 
 export const finalize = defineStep({
@@ -42,9 +93,14 @@ export const finalize = defineStep({
       (r) => r.name !== 'finalize' && r.status !== 'success',
     );
     if (Object.keys(failures).length > 0 && current.status !== 'cancelled') {
-      const causes = await Promise.all(Object.values(failures).map((reason) => rootCause(ctx, reason)));
+      const causes = await Promise.all(Object.entries(failures).map(([key, reason]) => firstFailure(ctx, key, reason)));
+      for (const f of causes) await recordFailure(ctx, run.id, f);
+      const texts = causes.map((f) => (f.step ? `${f.step} failed: ${f.message}` : f.message));
       // A step already failed the run with its own message; this only covers a worker that died before saying so.
-      await finishRun(ctx.db, run.id, 'failed', { message: causes.join('; '), details: { failures: causes } });
+      const message = texts.join('; ');
+      if (await finishRun(ctx.db, run.id, 'failed', { message, details: { failures: texts, ...(causes.length === 1 ? { step: causes[0]!.step, patientId: causes[0]!.patientId } : {}) } })) {
+        ctx.logger.error({ runId: run.id, failures: texts }, `Run ${run.id} failed: ${message}`);
+      }
     } else if (unfinished.length > 0 && current.status !== 'cancelled') {
       // Every branch settled without a failure BullMQ knows of, yet a step did not succeed: say which.
       const list = unfinished.map((r) => `${r.name} ${r.status}`).join(', ');

@@ -25,20 +25,36 @@ export interface RunInThreadOptions {
   signal?: AbortSignal;
 }
 
+/**
+ * How long a stop request may take before the thread is ended. The stage stops between batches, but an epoch's
+ * validation and checkpoint writes run to their end first, seconds on a busy machine, and a cancel must reach the
+ * job at once. Ending the thread loses nothing: a stopped stage keeps nothing of its unfinished epoch, and every
+ * checkpoint file is written to a temporary name and renamed.
+ */
+const STOP_GRACE_MS = 250;
+
 /** Trains one stage in a worker thread of its own; resolves with the stage's result. */
 export function trainInThread(input: StageInput, { onEpoch, onLog, signal }: RunInThreadOptions): Promise<StageResult> {
   return new Promise((resolve, reject) => {
     const worker = new Worker(ENTRY, { workerData: input });
     let settled = false;
     let chain = Promise.resolve();
+    let grace: NodeJS.Timeout | undefined;
     const finish = (fn: () => void) => {
       if (settled) return;
       settled = true;
+      clearTimeout(grace);
       signal?.removeEventListener('abort', onAbort);
       // Epoch reports are written in order and before the verdict.
       chain.then(fn, fn);
     };
-    const onAbort = () => worker.postMessage({ type: 'stop' });
+    const onAbort = () => {
+      worker.postMessage({ type: 'stop' });
+      grace = setTimeout(() => {
+        void worker.terminate();
+        finish(() => reject(new TrainingStoppedError(`training stopped on request (its thread was ended after ${STOP_GRACE_MS} ms mid-epoch)`)));
+      }, STOP_GRACE_MS);
+    };
     if (signal?.aborted) onAbort();
     signal?.addEventListener('abort', onAbort);
     worker.on('message', (m: TrainThreadMessage) => {
