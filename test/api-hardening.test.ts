@@ -55,4 +55,27 @@ describe('runs API input checks', () => {
     expect(res.status).toBe(413);
     expect((await json(res)).error.code).toBe('body_too_large');
   });
+
+  it('names the field of every bad body field, query parameter and header, and records nothing', async () => {
+    const cases: { what: string; path?: string; body?: unknown; headers?: Record<string, string>; field: string; message: RegExp }[] = [
+      { what: 'a run id that is none', body: { mode: 'train-eval', fromRun: '../x' }, field: 'fromRun', message: /not a run id/ },
+      { what: 'a source spec of 5000 characters', body: { sources: { brats: 'x'.repeat(5000) } }, field: 'sources.brats', message: /4096/ },
+      { what: 'a flag given as a string', body: { skipDownload: 'yes' }, field: 'skipDownload', message: /boolean/ },
+      { what: 'an unknown top-level field', body: { mode: 'data-only', priority: 1 }, field: 'priority', message: /Unrecognized key: "priority"/ },
+      { what: 'an unknown source field', body: { sources: { brats: 'synthetic:2', mri: 'x' } }, field: 'sources.mri', message: /Unrecognized key/ },
+      { what: 'a query parameter on POST /runs', path: '/runs?mode=full', body: {}, field: 'mode', message: /no query parameters/ },
+      { what: 'a blank Idempotency-Key', body: {}, headers: { 'Idempotency-Key': '   ' }, field: 'Idempotency-Key', message: /must not be empty/ },
+      { what: 'an Idempotency-Key of 300 characters', body: {}, headers: { 'Idempotency-Key': 'k'.repeat(300) }, field: 'Idempotency-Key', message: /at most 255/ },
+    ];
+    for (const c of cases) {
+      const res = await h.app.request(c.path ?? '/runs', { method: 'POST', body: JSON.stringify(c.body), headers: { 'content-type': 'application/json', ...c.headers } });
+      expect(res.status, c.what).toBe(400);
+      const { error } = await json(res);
+      expect(error.fields, c.what).toEqual([{ field: c.field, message: expect.stringMatching(c.message) }]);
+    }
+    // The list's query is checked the same way, an unknown parameter named as itself.
+    const list = await json(await h.app.request('/runs?limit=10&sort=desc'));
+    expect(list.error.fields).toEqual([{ field: 'sort', message: 'Unrecognized key: "sort"' }]);
+    expect((await json(await h.app.request('/runs'))).total).toBe(0);
+  });
 });

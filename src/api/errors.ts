@@ -13,7 +13,12 @@ interface ErrorBody {
 
 function describe(err: Error): { status: ContentfulStatusCode; error: ErrorBody } {
   if (err instanceof ZodError) {
-    const fields = err.issues.map((i) => ({ field: i.path.join('.') || '(body)', message: i.message }));
+    // An unknown key is named as the field it is (`dataDir`, `sources.foo`, a query's `foo`), not as its parent.
+    const fields = err.issues.flatMap((i) =>
+      i.code === 'unrecognized_keys'
+        ? i.keys.map((k) => ({ field: [...i.path, k].join('.'), message: `Unrecognized key: "${k}"` }))
+        : [{ field: i.path.join('.') || '(body)', message: i.message }],
+    );
     return { status: 400, error: { code: 'invalid_request', message: `invalid request: ${fields.map((f) => `${f.field}: ${f.message}`).join('; ')}`, fields } };
   }
   if (err instanceof SliceWiseError) {

@@ -1,5 +1,5 @@
 import { Readable } from 'node:stream';
-import { Hono } from 'hono';
+import { Hono, type Context } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { z } from 'zod';
 import type { AppContext } from '../context.ts';
@@ -18,7 +18,30 @@ async function jsonBody(req: Request): Promise<unknown> {
   }
 }
 
-const IdempotencyKey = z.string().min(1).max(200).optional();
+/** Printable ASCII (spaces allowed inside), as most clients make them: a UUID, "nightly-2026-11-26". */
+const IdempotencyHeader = z.object({
+  'Idempotency-Key': z
+    .string()
+    .regex(/^[\x20-\x7e]*$/, 'printable ASCII only')
+    .trim()
+    .min(1, 'must not be empty')
+    .max(255, 'at most 255 characters')
+    .optional(),
+});
+/** POST /runs is described by its body alone: a query parameter is a mistake to name, not to ignore. */
+const NoQuery = z.record(z.string(), z.never({ error: 'POST /runs takes no query parameters; the run is described by the JSON body' }));
+
+/**
+ * Whose Idempotency-Key it is: with tokens on, the token's principal (set by the auth middleware), so two
+ * clients choosing the same key get two runs, and one client keeps its keys across a token rotation; an open
+ * API has one scope, ''.
+ */
+type RunsEnv = { Variables: { principal?: { name: string } } };
+function idempotencyScope(c: Context<RunsEnv>): string {
+  const principal = c.get('principal');
+  return principal ? `principal:${principal.name}` : '';
+}
+
 /** Run ids are made by newRunId; anything else (a NUL, a path) is refused before it reaches a query. */
 const RunIdParam = z.object({ id: z.string().regex(/^[A-Za-z0-9._-]{1,100}$/, 'not a run id (letters, digits, ".", "_" and "-", at most 100)') }).loose();
 const ArtifactParams = z.object({ id: z.string().min(1), artifact: ArtifactIdSchema });
@@ -28,7 +51,7 @@ const CreateRunBody = CreateRunSchema.omit({ dataDir: true });
 const MAX_RUN_REQUEST_BYTES = 64 * 1024;
 
 export function runsRoutes(ctx: AppContext) {
-  return new Hono()
+  return new Hono<RunsEnv>()
     .use('/:id', async (c, next) => {
       RunIdParam.parse(c.req.param());
       await next();
@@ -46,10 +69,13 @@ export function runsRoutes(ctx: AppContext) {
         },
       }),
       async (c) => {
+      NoQuery.parse(c.req.query());
+      const { 'Idempotency-Key': key } = IdempotencyHeader.parse({ 'Idempotency-Key': c.req.header('Idempotency-Key') });
       const body = CreateRunBody.parse(await jsonBody(c.req.raw));
-      const key = IdempotencyKey.parse(c.req.header('Idempotency-Key') || undefined);
-      const { run, created } = await createRun(ctx, body, { idempotencyKey: key });
-      return c.json({ run, created }, created ? 201 : 200);
+      const { run, created, replayed } = await createRun(ctx, body, { idempotencyKey: key, idempotencyScope: idempotencyScope(c) });
+      // Stripe's header name for the same thing: clients that know it need no other signal.
+      if (replayed) c.header('Idempotent-Replayed', 'true');
+      return c.json({ run, created, replayed }, created ? 201 : 200);
       },
     )
     .get('/', async (c) => {

@@ -23,14 +23,21 @@ export const runs = pgTable(
     /** Printable source descriptions (e.g. "kaggle:owner/dataset"), never credentials. */
     sources: jsonb('sources').notNull(),
     dataDir: text('data_dir').notNull(),
+    /**
+     * POST /runs's Idempotency-Key, unique within its scope (who asked: a hash of the caller's bearer token, ''
+     * when the API is open), with a hash of the request it first came with: a replay answers this run, the same
+     * key on a different request is refused.
+     */
     idempotencyKey: text('idempotency_key'),
+    idempotencyScope: text('idempotency_scope').notNull().default(''),
+    requestHash: text('request_hash'),
     error: text('error'),
     errorDetails: jsonb('error_details'),
     createdAt: timestamp('created_at', { withTimezone: true }).notNull().defaultNow(),
     startedAt: timestamp('started_at', { withTimezone: true }),
     finishedAt: timestamp('finished_at', { withTimezone: true }),
   },
-  (t) => [uniqueIndex('runs_idempotency_key_idx').on(t.idempotencyKey), index('runs_status_idx').on(t.status, t.createdAt)],
+  (t) => [uniqueIndex('runs_idempotency_scope_key_idx').on(t.idempotencyScope, t.idempotencyKey), index('runs_status_idx').on(t.status, t.createdAt)],
 );
 
 export const steps = pgTable(

@@ -5,7 +5,7 @@ export const PIPELINE_MODES = ['full', 'data-only', 'train-eval', 'demo'] as con
 export type PipelineMode = (typeof PIPELINE_MODES)[number];
 
 /** Parsed (and refused when it carries credentials) by parseSource, so the error lists the accepted forms. */
-const sourceString = z.string().min(1);
+const sourceString = z.string().min(1).max(4096);
 
 export const CreateRunSchema = z.strictObject({
   mode: z.enum(PIPELINE_MODES).default('data-only'),
@@ -28,7 +28,7 @@ export const CreateRunSchema = z.strictObject({
   /** Where raw data, processed slices and outputs go. Default: the server's data dir. */
   dataDir: z.string().min(1).optional(),
   /** train-eval: the run whose processed data and splits to train on. Default: the latest succeeded run that made data. */
-  fromRun: z.string().min(1).optional(),
+  fromRun: z.string().regex(/^[A-Za-z0-9._-]{1,100}$/, 'not a run id (letters, digits, ".", "_" and "-", at most 100)').optional(),
   /** Per-run config overrides, layered over base -> mode (validated against the config schema). */
   overrides: z.record(z.string(), z.unknown()).optional(),
 });

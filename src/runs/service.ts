@@ -1,17 +1,18 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { and, asc, count, desc, eq, inArray } from 'drizzle-orm';
+import type { z } from 'zod';
 import type { AppContext } from '../context.ts';
 import { loadConfig } from '../config/load.ts';
 import type { Config } from '../config/schema.ts';
 import { kaggleImages, metrics, patients, runs, steps, type RunRow } from '../db/schema.ts';
-import { formatSource, parseSource } from '../download/sources.ts';
+import { assertPatientLimit, checkRunSource } from '../download/policy.ts';
 import { parseLayout } from '../imaging/layout.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { runPaths } from '../disk/layout.ts';
 import { buildRetryFlow, buildRunFlow } from '../producers/run-flow.ts';
-import { CANCEL_CHANNEL } from '../queues/names.ts';
+import { CANCEL_CHANNEL, jobId } from '../queues/names.ts';
 import { STEPS } from '../workers/registry.ts';
 import { CreateRunSchema, type CreateRunInput, type PipelineMode, type RunSources } from './input.ts';
 import { byStepOrder, EVAL_STEPS, stepsForMode, type StepName } from './modes.ts';
@@ -31,11 +32,46 @@ function newRunId(now = new Date()): string {
   return `run-${t}-${randomBytes(3).toString('hex')}`;
 }
 
-export async function createRun(ctx: AppContext, input: CreateRunInput, { idempotencyKey }: { idempotencyKey?: string } = {}): Promise<{ run: RunRow; created: boolean }> {
+export interface IdempotencyOptions {
+  /** The caller's Idempotency-Key: a repeated request with it answers the run the first one made. */
+  idempotencyKey?: string;
+  /** Whose key it is (see runs.idempotencyScope): two callers' equal keys never meet. Default '' (an open API). */
+  idempotencyScope?: string;
+}
+
+export interface CreatedRun {
+  run: RunRow;
+  /** False when the run already existed under the request's Idempotency-Key. */
+  created: boolean;
+  /** True when this answer replays an earlier request's (the same key and the same request). */
+  replayed: boolean;
+}
+
+/** Sorted keys at every level, so that two equal requests hash equally whatever order their fields came in. */
+function canonicalJson(v: unknown): string {
+  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(',')}]`;
+  if (v && typeof v === 'object') {
+    return `{${Object.keys(v)
+      .sort()
+      .filter((k) => (v as Record<string, unknown>)[k] !== undefined)
+      .map((k) => `${JSON.stringify(k)}:${canonicalJson((v as Record<string, unknown>)[k])}`)
+      .join(',')}}`;
+  }
+  return JSON.stringify(v);
+}
+
+/** The request as parsed (defaults filled in): `{}` and `{"mode":"data-only"}` are the same request. */
+function requestHash(req: z.output<typeof CreateRunSchema>): string {
+  return createHash('sha256').update(canonicalJson(req)).digest('hex');
+}
+
+export async function createRun(ctx: AppContext, input: CreateRunInput, { idempotencyKey, idempotencyScope = '' }: IdempotencyOptions = {}): Promise<CreatedRun> {
   const req = CreateRunSchema.parse(input);
+  const hash = idempotencyKey ? requestHash(req) : null;
+  const byKey = async () => (await ctx.db.select().from(runs).where(and(eq(runs.idempotencyScope, idempotencyScope), eq(runs.idempotencyKey, idempotencyKey!))))[0];
   if (idempotencyKey) {
-    const [existing] = await ctx.db.select().from(runs).where(eq(runs.idempotencyKey, idempotencyKey));
-    if (existing) return { run: existing, created: false };
+    const existing = await byKey();
+    if (existing) return replay(ctx, existing, idempotencyKey, hash!);
   }
   const stepNames = stepsForMode(req.mode);
   if (stepNames.length === 0) {
@@ -46,38 +82,98 @@ export async function createRun(ctx: AppContext, input: CreateRunInput, { idempo
   }
   const dataRunId = req.mode === 'train-eval' ? await resolveDataRun(ctx, req.fromRun) : null;
   const config = loadConfig({ trainingMode: req.trainingMode, overrides: req.overrides });
-  // Parse now so a bad source is a 400 at the door, not a failed job a minute later.
-  const brats = formatSource(parseSource(req.sources.brats));
-  const kaggle = formatSource(parseSource(req.sources.kaggle));
+  const dataDir = resolve(req.dataDir ?? ctx.dataDir);
+  // Checked now so a bad or forbidden source (a path outside the allowed folders, a private address) is a 400
+  // naming its field at the door, not a failed job a minute later. The download step checks again.
+  const brats = await checkRunSource(req.sources.brats, { field: 'sources.brats', dataset: 'brats', dataDir });
+  const kaggle = await checkRunSource(req.sources.kaggle, { field: 'sources.kaggle', dataset: 'kaggle', dataDir });
+  if (config.data.max_patients != null) assertPatientLimit(config.data.max_patients, 'max_patients asks for', { field: 'overrides.data.max_patients' });
   // The object form goes through the string form's checks: one validation for both.
   const layoutSpec = typeof req.sources.bratsLayout === 'object' ? Object.entries(req.sources.bratsLayout).map(([k, v]) => `${k}=${v}`).join(',') : req.sources.bratsLayout;
   const bratsLayout = layoutSpec === undefined ? undefined : parseLayout(layoutSpec);
   const sources: RunSources = { brats, kaggle, ...(bratsLayout ? { bratsLayout } : {}), skipDownload: req.skipDownload };
-  const dataDir = resolve(req.dataDir ?? ctx.dataDir);
   const id = newRunId();
 
+  // The insert claims the key: of concurrent requests with one key exactly one inserts, the others replay its run.
   const inserted = await ctx.db
     .insert(runs)
-    .values({ id, status: 'queued', mode: req.mode, trainingMode: req.trainingMode, config, overrides: req.overrides ?? null, dataRunId, sources, dataDir, idempotencyKey: idempotencyKey ?? null })
-    .onConflictDoNothing({ target: runs.idempotencyKey })
+    .values({
+      id,
+      status: 'queued',
+      mode: req.mode,
+      trainingMode: req.trainingMode,
+      config,
+      overrides: req.overrides ?? null,
+      dataRunId,
+      sources,
+      dataDir,
+      idempotencyKey: idempotencyKey ?? null,
+      idempotencyScope,
+      requestHash: hash,
+    })
+    .onConflictDoNothing({ target: [runs.idempotencyScope, runs.idempotencyKey] })
     .returning();
-  if (inserted.length === 0) {
-    // Another request with the same key won the race: answer with its run.
-    const [existing] = await ctx.db.select().from(runs).where(eq(runs.idempotencyKey, idempotencyKey!));
-    return { run: existing!, created: false };
-  }
-  await ctx.db
-    .insert(steps)
-    .values(stepNames.map((name) => ({ runId: id, name, status: 'pending' as const, queue: STEPS[name].queue })))
-    .onConflictDoNothing();
+  if (inserted.length === 0) return replay(ctx, (await byKey())!, idempotencyKey!, hash!);
   try {
-    await ctx.flows.add(buildRunFlow({ runId: id, mode: req.mode, config }));
+    await enqueueRun(ctx, inserted[0]!);
   } catch (err) {
     await finishRun(ctx.db, id, 'failed', { message: `could not enqueue the run: ${(err as Error).message}` });
     throw new SliceWiseError(`could not enqueue run ${id}: ${(err as Error).message}`, { status: 503, code: 'redis_unreachable', cause: err });
   }
   ctx.logger.info({ runId: id, mode: req.mode, trainingMode: req.trainingMode, brats, kaggle }, `Run ${id} queued (${req.mode}, ${req.trainingMode})`);
-  return { run: inserted[0]!, created: true };
+  return { run: inserted[0]!, created: true, replayed: false };
+}
+
+/**
+ * A request that repeats an Idempotency-Key gets the key's run, provided it is the same request; the run is
+ * queued again when the process that made it died before queueing it (see ensureRunEnqueued).
+ */
+async function replay(ctx: AppContext, run: RunRow, key: string, hash: string): Promise<CreatedRun> {
+  // Rows from before request hashes were kept have none: they replay on the key alone.
+  if (run.requestHash && run.requestHash !== hash) {
+    throw new SliceWiseError(`Idempotency-Key '${key}' was already used for a different request (it made run ${run.id}); send a new key for a new run`, {
+      status: 409,
+      code: 'idempotency_key_reused',
+      details: { idempotencyKey: key, runId: run.id },
+    });
+  }
+  const requeued = await ensureRunEnqueued(ctx, run).catch((err: Error) => {
+    throw new SliceWiseError(`could not queue run ${run.id} again: ${err.message}`, { status: 503, code: 'redis_unreachable', cause: err });
+  });
+  return { run: requeued ? ((await getRunRow(ctx.db, run.id)) ?? run) : run, created: false, replayed: true };
+}
+
+/** The run's step rows and its flow. Both are idempotent (rows on run + step, jobs on ids from run + step). */
+async function enqueueRun(ctx: AppContext, run: RunRow): Promise<void> {
+  const stepNames = stepsForMode(run.mode as PipelineMode);
+  await ctx.db
+    .insert(steps)
+    .values(stepNames.map((name) => ({ runId: run.id, name, status: 'pending' as const, queue: STEPS[name].queue })))
+    .onConflictDoNothing();
+  await ctx.flows.add(buildRunFlow({ runId: run.id, mode: run.mode as PipelineMode, config: run.config as Config }));
+}
+
+/**
+ * A run is inserted before its jobs are queued, so a process killed between the two (or Redis lost with its
+ * data) leaves a run that stays queued with nothing in Redis to move it. This queues such a run's flow again;
+ * the flow's job ids are the run's own, so a flow that is there after all (another process queued it a moment
+ * ago) is not added twice. Only a queued run: once a job has started, the run is running and its jobs exist.
+ * Returns whether it queued anything.
+ */
+export async function ensureRunEnqueued(ctx: AppContext, run: RunRow): Promise<boolean> {
+  if (run.status !== 'queued') return false;
+  if (await ctx.queues[STEPS.finalize.queue].getJob(jobId(run.id, 'finalize'))) return false;
+  await enqueueRun(ctx, run);
+  ctx.logger.warn({ runId: run.id }, `Run ${run.id} was queued in the database with no jobs in Redis (its creator stopped before queueing them); queued them now`);
+  return true;
+}
+
+/** Every queued run with no jobs (see ensureRunEnqueued), e.g. when an API process starts. Returns their ids. */
+export async function enqueueOrphanedRuns(ctx: AppContext): Promise<string[]> {
+  const queued = await ctx.db.select().from(runs).where(eq(runs.status, 'queued'));
+  const done: string[] = [];
+  for (const run of queued) if (await ensureRunEnqueued(ctx, run)) done.push(run.id);
+  return done;
 }
 
 /**

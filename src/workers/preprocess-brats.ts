@@ -9,6 +9,7 @@ import { runPaths } from '../disk/layout.ts';
 import { discoverPatients } from '../imaging/layout.ts';
 import { addPatientShards } from '../producers/patient-shards.ts';
 import type { RunSources } from '../runs/input.ts';
+import { countPatients } from '../runs/store.ts';
 import { choosePatients } from '../splits/index.ts';
 import { defineStep, requireChild, RunJobData } from './define.ts';
 import type { DownloadResult } from './download-dataset.ts';
@@ -36,14 +37,16 @@ export const preprocessBrats = defineStep({
       const found = await discoverPatients(download.dir, (run.sources as RunSources).bratsLayout);
       const chosen = new Set(choosePatients(found.map((p) => p.patientId), patientCount(found.length, config.data), config.seed));
       const selected = found.filter((p) => chosen.has(p.patientId));
-      await progress({ found: found.length, total: selected.length, done: 0 });
+      // A redelivered coordinator may find patients done already: the count is the table's, not 0.
+      await progress({ found: found.length, total: selected.length, done: (await countPatients(ctx.db, run.id)).done });
       log(`Run ${run.id}: ${found.length} patients found, preprocessing ${selected.length}`);
-      await addPatientShards<PatientJobData>(ctx, {
+      const { present } = await addPatientShards<PatientJobData>(ctx, {
         parent: job,
         step: preprocessPatientStep,
         config,
         shards: selected.map((patient) => ({ patientId: patient.patientId, data: { runId: run.id, patient } })),
       });
+      if (present > 0) log(`Run ${run.id}: ${present} of ${selected.length} patient jobs were added by an earlier attempt of preprocess_brats; added the other ${selected.length - present}`);
       await job.updateData({ ...data, phase: 'collect' });
     }
     // Also on a redelivered collect: children may still be running.
