@@ -1,9 +1,10 @@
 import { Queue, FlowProducer } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Db } from './db/client.ts';
-import { createRedis } from './queues/connection.ts';
+import { createRedis, isConnectionError, within } from './queues/connection.ts';
 import { QUEUE_NAMES, type QueueName } from './queues/names.ts';
 import { createLogger, type Logger } from './lib/logger.ts';
+import { env } from './env.ts';
 
 /** What the API, the producers and the workers share in one process. */
 export interface AppContext {
@@ -32,8 +33,21 @@ export interface CreateContextOptions {
 
 export function createContext({ db, redisUrl, dataDir, prefix = 'slicewise', logger = createLogger() }: CreateContextOptions): AppContext {
   const redis = createRedis(redisUrl);
-  const queues = Object.fromEntries(QUEUE_NAMES.map((q) => [q, new Queue(q, { connection: redis, prefix })])) as Record<QueueName, Queue>;
+  // BullMQ's default event stream (~10,000 entries a queue) holds about 1 MB per busy queue long after its jobs
+  // are trimmed; the stream only feeds live listeners, and the run's history lives in Postgres.
+  const queues = Object.fromEntries(QUEUE_NAMES.map((q) => [q, new Queue(q, { connection: redis, prefix, streams: { events: { maxLen: env().eventsMaxLen } } })])) as Record<QueueName, Queue>;
   const flows = new FlowProducer({ connection: redis, prefix });
+  // BullMQ re-emits every error of the shared connection on each Queue and the FlowProducer, and prints it
+  // (stack and all) when nobody listens: seven lines per reconnect attempt while Redis is down. The connection's
+  // health watcher (queues/connection.ts) reports outages; anything else is said once per message.
+  const said = new Set<string>();
+  const onError = (err: Error) => {
+    if (isConnectionError(err) || said.has(err.message)) return;
+    said.add(err.message);
+    logger.warn({ err: err.message }, `Redis client error: ${err.message}`);
+  };
+  for (const q of Object.values(queues)) q.on('error', onError);
+  flows.on('error', onError);
   return {
     db,
     redisUrl,
@@ -44,8 +58,8 @@ export function createContext({ db, redisUrl, dataDir, prefix = 'slicewise', log
     prefix,
     logger,
     async close() {
-      await Promise.all(Object.values(queues).map((q) => q.close()));
-      await flows.close();
+      // Closing quits politely, which waits for Redis; a dead one must not hold the process.
+      await within(2000, Promise.all([...Object.values(queues).map((q) => q.close()), flows.close()]));
       redis.disconnect();
     },
   };

@@ -13,6 +13,9 @@ export function painter(stream: NodeJS.WriteStream = process.stdout) {
 
 type Detail = Awaited<ReturnType<typeof getRunDetail>>;
 
+/** How long a finished run's finalize may take to settle its other branches before we stop waiting. */
+const FINALIZE_WAIT_MS = 60_000;
+
 function fmtCounts(counts: Record<string, number>): string {
   const parts = Object.entries(counts)
     .filter(([k]) => k !== 'done' && k !== 'total')
@@ -32,6 +35,7 @@ export async function followRun(ctx: AppContext, runId: string, { intervalMs = 4
   const seen = new Map<string, string>();
   const log = (line: string) => (bars ? bars.log(line + '\n') : out.write(line + '\n'));
   let lastPct = new Map<string, number>();
+  let settledAt: number | undefined;
   for (;;) {
     const d = await getRunDetail(ctx, runId);
     for (const s of d.steps) {
@@ -68,8 +72,15 @@ export async function followRun(ctx: AppContext, runId: string, { intervalMs = 4
       }
     }
     if (d.status === 'succeeded' || d.status === 'failed' || d.status === 'cancelled') {
-      bars?.stop();
-      return d;
+      // A run is failed as soon as one branch fails, while the others may still be settling; finalize closes
+      // them all. Returning before it would write pipeline_results.json with steps still "running".
+      const fin = d.steps.find((s) => s.name === 'finalize');
+      const settling = fin && (fin.status === 'pending' || fin.status === 'running');
+      settledAt ??= Date.now();
+      if (!settling || Date.now() - settledAt > FINALIZE_WAIT_MS) {
+        bars?.stop();
+        return d;
+      }
     }
     await new Promise((r) => setTimeout(r, intervalMs));
   }

@@ -3,7 +3,7 @@ import { createContext, type AppContext } from '../context.ts';
 import { openDb, type DbHandle } from '../db/client.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { createLogger } from '../lib/logger.ts';
-import { assertRedisReachable } from '../queues/connection.ts';
+import { assertRedisReachable, within } from '../queues/connection.ts';
 import { redactPassword } from '../lib/redact.ts';
 import { installRedisIfPossible, RedisMissingError, startPrivateRedis, type PrivateRedis } from './redis-server.ts';
 import { env } from '../env.ts';
@@ -23,7 +23,13 @@ export interface Runtime {
   db: DbHandle;
   /** True when both Redis and the database are this process's own (no REDIS_URL, no DATABASE_URL). */
   embedded: boolean;
-  close(): Promise<void>;
+  /**
+   * What to do when this process's own Redis is lost for good (its supervisor gave up). Default: say why and
+   * exit 1; `slicewise pipeline` fails its run first.
+   */
+  onFatal(cb: (err: SliceWiseError) => void): void;
+  /** `force`: each part gets a moment and no more (a second signal, a dead Redis). */
+  close(force?: boolean): Promise<void>;
 }
 
 /** Resolves Redis and the database from the environment, starting private ones where none is given. */
@@ -37,7 +43,7 @@ export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) =>
     await assertRedisReachable(redisUrl);
   } else {
     if (!installRedisIfPossible(say)) throw new RedisMissingError();
-    privateRedis = await startPrivateRedis(dataDir);
+    privateRedis = await startPrivateRedis(dataDir, { say });
     redisUrl = privateRedis.url;
     say(`Started a private redis-server at ${redisUrl} (data in ${redisDir(dataDir)}); it stops when this command exits`);
   }
@@ -58,14 +64,23 @@ export async function openRuntime({ dataDir, needsSharedDb = false, say = (l) =>
   say(db.kind === 'pglite' ? `Database: embedded PGlite in ${db.where}` : `Database: ${db.where}`);
   if (!privateRedis) say(`Redis: ${redactPassword(redisUrl)}`);
   const ctx = createContext({ db: db.db, redisUrl, dataDir, logger, prefix: settings.queuePrefix });
+  let fatal: (err: SliceWiseError) => void = (err) => {
+    say(`Error: ${err.message}`);
+    process.exit(1);
+  };
+  privateRedis?.onGiveUp((err) => fatal(err));
   return {
     ctx,
     db,
     embedded: !settings.redisUrl && !settings.databaseUrl,
-    async close() {
-      await ctx.close().catch(() => {});
-      await db.close().catch(() => {});
-      await privateRedis?.stop();
+    onFatal(cb) {
+      fatal = cb;
+    },
+    async close(force = false) {
+      await within(force ? 500 : 5000, ctx.close());
+      // PGlite writes its files as it goes; closing it is what a forced stop should still try to do.
+      await within(force ? 1000 : 30_000, db.close());
+      await privateRedis?.stop(force ? 1000 : 5000);
     },
   };
 }

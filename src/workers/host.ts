@@ -1,15 +1,16 @@
 /**
  * A worker process's queues: one BullMQ Worker per consumed queue, each running the registered step for a job's
  * name through the one runner (runner.ts), and a pool of step threads for the sandboxed steps. Also listens for
- * cancelled runs and aborts their active jobs here.
+ * cancelled runs and aborts their active jobs here, and runs the run watchdog (runs/watchdog.ts).
  */
 import { cpus, hostname } from 'node:os';
 import { UnrecoverableError, Worker, type Job } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { AppContext } from '../context.ts';
 import { env } from '../env.ts';
-import { createRedis } from '../queues/connection.ts';
+import { createRedis, isConnectionError, within } from '../queues/connection.ts';
 import { CANCEL_CHANNEL, DEFAULT_WORKER_QUEUES, type QueueName } from '../queues/names.ts';
+import { startRunWatchdog } from '../runs/watchdog.ts';
 import { STEPS } from './registry.ts';
 import { executeStep } from './runner.ts';
 import { StepThreadPool } from './step-threads.ts';
@@ -19,13 +20,24 @@ export interface WorkerHostOptions {
   queues?: QueueName[];
   /** Jobs at once per queue. Default: one per CPU core for preprocess, 1 for train and evaluate, 2 for the rest. */
   concurrency?: number;
+  /** Run the run watchdog in this process. Default: true. */
+  watchdog?: boolean;
 }
 
 export interface WorkerHost {
   workers: Worker[];
-  /** Finishes active jobs, then stops. `force` aborts them instead. */
-  close(force?: boolean): Promise<void>;
+  /**
+   * Graceful: stops taking jobs, finishes the active ones, then stops. `force`: stops taking jobs and hands the
+   * active ones back to their queues (first in line, so another worker takes them at once instead of after their
+   * lock expires), without waiting for them; their bodies are not stopped, so the caller exits the process next.
+   * Returns the active jobs it finished or handed back, described as in the log.
+   */
+  close(force?: boolean): Promise<string[]>;
   activeCount(): number;
+  /** The active jobs, e.g. `preprocess_patient (run run-2026..., patient BraTS20_Training_002)`. */
+  describeActive(): string[];
+  /** Aborts this process's active jobs of a run (what a cancel message does, without going through Redis). */
+  abortRun(runId: string, reason: string): number;
 }
 
 interface QueueSettings {
@@ -53,13 +65,34 @@ function queueSettings(q: QueueName, concurrency: number | undefined): QueueSett
   }
 }
 
-export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QUEUES, concurrency }: WorkerHostOptions = {}): Promise<WorkerHost> {
+interface ActiveJob {
+  worker: Worker;
+  job: Job;
+  token: string | undefined;
+  runId: string;
+}
+
+/** A job as the operator knows it: step, run and, for a shard, the patient. */
+export function describeJob(job: Job): string {
+  const def = STEPS[job.name as keyof typeof STEPS];
+  let patient: string | undefined;
+  try {
+    patient = def?.shard?.patientId(job.data as never);
+  } catch {
+    patient = undefined;
+  }
+  const runId = (job.data as { runId?: string } | undefined)?.runId ?? 'unknown';
+  return `${job.name} (run ${runId}${patient ? `, patient ${patient}` : ''})`;
+}
+
+export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QUEUES, concurrency, watchdog = true }: WorkerHostOptions = {}): Promise<WorkerHost> {
   const log = ctx.logger;
   const sandboxedQueues = new Set(Object.values(STEPS).filter((d) => d.sandboxed).map((d) => d.queue));
   const threadCount = Math.max(0, ...queues.filter((q) => sandboxedQueues.has(q)).map((q) => queueSettings(q, concurrency).concurrency));
   const threads = threadCount > 0 ? new StepThreadPool({ size: threadCount }) : undefined;
-  // Which run each active job belongs to, so a cancel message can find them.
-  const active = new Map<string, { worker: Worker; runId: string }>();
+  // The jobs this process is running, with the token that holds each one's lock: a cancel message finds its
+  // run's jobs here, and a forced stop hands them back with it.
+  const active = new Map<string, ActiveJob>();
   const workers: Worker[] = [];
   // BullMQ does not close connections it was handed, so this host keeps its own list and closes them itself.
   const conns: Redis[] = [];
@@ -68,6 +101,16 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
     conns.push(c);
     return c;
   };
+  // While Redis is away every Worker reports each failed reconnect as an 'error'; the connection's health watcher
+  // says that once per interval. Other errors are said once per message and minute, not once per retry.
+  const saidAt = new Map<string, number>();
+  const onWorkerError = (q: QueueName) => (err: Error) => {
+    if (isConnectionError(err)) return;
+    const now = Date.now();
+    if (now - (saidAt.get(err.message) ?? -Infinity) < 60_000) return;
+    saidAt.set(err.message, now);
+    log.error({ queue: q, err: err.message }, `Worker for queue ${q} hit an error: ${err.message}`);
+  };
 
   for (const q of queues) {
     if (!Object.values(STEPS).some((d) => d.queue === q)) {
@@ -75,46 +118,70 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
       continue;
     }
     if (q === 'train') await ctx.queues.train.setGlobalConcurrency(env().trainPool);
-    const worker = new Worker(
+    const worker: Worker = new Worker(
       q,
-      (job: Job, token?: string, signal?: AbortSignal) => {
+      async (job: Job, token?: string, signal?: AbortSignal) => {
         const def = STEPS[job.name as keyof typeof STEPS];
         if (!def || def.queue !== q) throw new UnrecoverableError(`the ${q} queue has no step named '${job.name}' in this version`);
-        return executeStep(def, { ctx, job, token, signal, threads });
+        const key = `${q}:${job.id}`;
+        active.set(key, { worker, job, token, runId: job.data?.runId });
+        try {
+          return await executeStep(def, { ctx, job, token, signal, threads });
+        } finally {
+          active.delete(key);
+        }
       },
       // The name ends up on each job (processedBy): which host and process took it.
       { prefix: ctx.prefix, connection: conn(), maxStalledCount: 2, name: `${hostname()}:${process.pid}`, ...queueSettings(q, concurrency) },
     );
-    worker.on('active', (job: Job) => active.set(`${q}:${job.id}`, { worker, runId: job.data?.runId }));
-    const forget = (job: Job | undefined) => job && active.delete(`${q}:${job.id}`);
-    worker.on('completed', forget);
-    worker.on('failed', forget);
-    worker.on('error', (err) => log.error({ queue: q, err: err.message }, `Worker for queue ${q} hit an error: ${err.message}`));
+    worker.on('error', onWorkerError(q));
     workers.push(worker);
   }
 
+  const abortRun = (runId: string, reason: string) => {
+    let n = 0;
+    for (const a of active.values()) if (a.runId === runId && a.job.id && a.worker.cancelJob(a.job.id, reason)) n++;
+    return n;
+  };
   const sub = createRedis(ctx.redisUrl);
   await sub.subscribe(`${ctx.prefix}:${CANCEL_CHANNEL}`);
   sub.on('message', (_ch: string, runId: string) => {
-    let n = 0;
-    for (const [key, a] of active) {
-      if (a.runId === runId && a.worker.cancelJob(key.slice(key.indexOf(':') + 1), `run ${runId} cancelled`)) n++;
-    }
+    const n = abortRun(runId, `run ${runId} cancelled`);
     if (n) log.info({ runId, jobs: n }, `Run ${runId} cancelled; aborting ${n} active job(s) here`);
   });
 
   await Promise.all(workers.map((w) => w.waitUntilReady()));
+  const dog = watchdog ? startRunWatchdog(ctx) : undefined;
   log.info({ queues: workers.map((w) => w.name) }, `Workers ready on queues: ${workers.map((w) => w.name).join(', ')}`);
+  const describeActive = () => [...active.values()].map((a) => describeJob(a.job));
   return {
     workers,
     activeCount: () => active.size,
+    describeActive,
+    abortRun,
     async close(force = false) {
-      await sub.quit().catch(() => sub.disconnect());
-      // Forced: abort what runs (a training thread stops between batches) instead of leaving it to run on.
-      if (force) for (const w of workers) w.cancelAllJobs('worker shutting down');
-      await Promise.all(workers.map((w) => w.close(force)));
+      dog?.stop();
+      const jobs = describeActive();
+      if (force) {
+        // Nothing here may wait on a dead Redis: every step has a time limit, and what did not make it is left
+        // to the stalled check of the other workers (after the job's lock expires).
+        sub.disconnect();
+        // Closing the workers first stops them taking jobs (a handed-back job must not come straight back here);
+        // the connections they were handed stay open for the hand-back.
+        await within(1000, Promise.all(workers.map((w) => w.close(true))));
+        const handed = await within(
+          1500,
+          Promise.all([...active.values()].map((a) => a.job.moveToWait(a.token).then(() => describeJob(a.job), () => undefined))),
+        );
+        for (const c of conns) c.disconnect();
+        return (handed ?? []).filter((d): d is string => d !== undefined);
+      }
+      await within(2000, sub.quit());
+      sub.disconnect();
+      await Promise.all(workers.map((w) => w.close(false)));
       await threads?.close();
       for (const c of conns) c.disconnect();
+      return jobs;
     },
   };
 }
