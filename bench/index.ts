@@ -6,11 +6,12 @@ import { writeResult } from 'tfjs-wasm-training/bench/table';
 import { env } from '../src/env.ts';
 import { printDemoTables, runDemoBench } from './demo.ts';
 import { printPreprocessTable, runPreprocessBench } from './preprocess.ts';
+import { printQueueTables, runQueueBench } from './queue.ts';
 
 const results = resolve(dirname(fileURLToPath(import.meta.url)), 'results');
 
 /** The benchmarks, in the order they run. */
-export const BENCHMARKS = ['preprocess', 'train-kernels', 'demo'] as const;
+export const BENCHMARKS = ['preprocess', 'train-kernels', 'demo', 'queue'] as const;
 export type BenchmarkName = (typeof BENCHMARKS)[number];
 
 export interface RunBenchmarksOptions {
@@ -39,6 +40,12 @@ export async function runBenchmarks({ only }: RunBenchmarksOptions = {}): Promis
     const demo = await runDemoBench();
     printDemoTables(demo);
     await writeResult(resolve(results, 'demo.json'), demo);
+  }
+  if (wanted('queue')) {
+    // 100 and 1,000 shards; 10,000 with `npx tsx bench/queue.ts --shards 100,1000,10000` (several minutes more).
+    const queue = await runQueueBench();
+    printQueueTables(queue);
+    await writeResult(resolve(results, 'queue.json'), queue);
   }
 }
 

@@ -11,7 +11,8 @@ import type { Config } from '../config/schema.ts';
 import type { AppContext } from '../context.ts';
 import type { RunRow } from '../db/schema.ts';
 import { SliceWiseError } from '../lib/errors.ts';
-import { countPatients, finishRun, getRunRow, markRunRunning, stepFailed, stepProgress, stepStarted, stepSucceeded, upsertPatient } from '../runs/store.ts';
+import { waitingOutDbOutages } from '../db/client.ts';
+import { countPatients, finishRun, getRunRow, markRunRunning, settlePatient, stepDoneAtLeast, stepFailed, stepProgress, stepStarted, stepSucceeded, upsertPatient } from '../runs/store.ts';
 import { RunJobData, type InProcessContext, type StepDefinition, type StepOutcome } from './define.ts';
 import { RunStoppedError, StepAbortedError } from './errors.ts';
 import type { StepThreadPool } from './step-threads.ts';
@@ -35,7 +36,39 @@ export interface ExecuteOptions {
   threads?: StepThreadPool;
 }
 
-export async function executeStep(def: StepDefinition, { ctx, job, token, signal, threads }: ExecuteOptions): Promise<unknown> {
+/**
+ * How often a process writes the done count of a step whose shards it runs. Per shard it would be two more round
+ * trips (count, update) per patient, on one hot row, for a figure the run page polls every 2 s; the step's own
+ * success writes the final count.
+ */
+const SHARD_PROGRESS_MS = 250;
+const progressDue = new Set<string>();
+
+function shardProgressSoon(ctx: AppContext, runId: string, step: string): void {
+  const key = `${runId}\u0000${step}`;
+  if (progressDue.has(key)) return;
+  progressDue.add(key);
+  const timer = setTimeout(() => {
+    progressDue.delete(key);
+    countPatients(ctx.db, runId)
+      .then((c) => stepDoneAtLeast(ctx.db, runId, step, c.done))
+      // Advisory, and late by design: it may find the database closed or the run gone. An outage is reported by
+      // the database client, and the step's success writes the final count.
+      .catch((err: Error) => ctx.logger.debug({ runId, step, err: err.message }, `Could not record progress of ${step}: ${err.message}`));
+  }, SHARD_PROGRESS_MS);
+  // Advisory: it must not keep a finished process alive.
+  timer.unref();
+}
+
+/**
+ * Runs one job's step. Its database statements wait out an outage of Postgres (db/client.ts) instead of failing
+ * the step: every write here is idempotent, so one retried after a lost connection is safe.
+ */
+export function executeStep(def: StepDefinition, opts: ExecuteOptions): Promise<unknown> {
+  return waitingOutDbOutages(() => execute(def, opts));
+}
+
+async function execute(def: StepDefinition, { ctx, job, token, signal, threads }: ExecuteOptions): Promise<unknown> {
   const base = RunJobData.safeParse(job.data);
   if (!base.success) throw new UnrecoverableError(`job ${job.id} (${job.name}) has no valid runId: ${base.error.message}`);
   const { runId } = base.data;
@@ -54,7 +87,8 @@ export async function executeStep(def: StepDefinition, { ctx, job, token, signal
     if (!shard) await stepFailed(db, runId, rowStep, { message: `not run: run ${run.status}`, final: true, status: 'cancelled' });
     throw new RunStoppedError(runId, run.status);
   }
-  await markRunRunning(db, runId);
+  // Only the run's first job finds it queued; the others skip the write.
+  if (run.status === 'queued') await markRunRunning(db, runId);
   if (!shard) await stepStarted(db, runId, rowStep, { jobId: job.id, attempt: job.attemptsMade + 1 });
 
   const aborted = signal ?? new AbortController().signal;
@@ -85,16 +119,17 @@ export async function executeStep(def: StepDefinition, { ctx, job, token, signal
     if (def.sandboxed) {
       if (!threads) throw new Error(`${def.name} runs sandboxed, and this worker has no step threads`);
       const prepared = await def.prepare?.(s);
-      const childResults = await s.childResults();
+      // A shard is added with no children of its own: no Redis round trip to learn that.
+      const childResults = shard ? [] : await s.childResults();
       outcome = await threads.run({ jobName: def.name, data: parsed.data, run, childResults, prepared }, { signal: aborted, onProgress: (c) => void progress(c), onLog: log });
       await def.record?.(s, outcome.result);
     } else {
       outcome = await def.run(s);
     }
     if (shard) {
-      await upsertPatient(db, { runId, patientId: patientId!, status: 'done', ...shard.row(outcome.result), error: null });
-      const c = await countPatients(db, runId);
-      await stepProgress(db, runId, rowStep, { done: c.done });
+      // Durable before the job is acknowledged: the coordinator, split and finalize read these rows.
+      await settlePatient(db, { runId, patientId: patientId!, status: 'done', ...shard.row(outcome.result), error: null });
+      shardProgressSoon(ctx, runId, rowStep);
     } else {
       await stepSucceeded(db, runId, rowStep, outcome.counts, outcome.result);
     }

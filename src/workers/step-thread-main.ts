@@ -4,13 +4,40 @@
  */
 import { parentPort } from 'node:worker_threads';
 import type { Config } from '../config/schema.ts';
-import type { StepContext } from './define.ts';
-import { SANDBOXED_STEPS } from './sandboxed.ts';
-import { serializeError, type FromThread, type ToThread } from './step-threads.ts';
+import type { SandboxedStep, StepContext } from './define.ts';
+import type { RunRow } from '../db/schema.ts';
+import { RUNS_KEPT_PER_THREAD, serializeError, type FromThread, type ToThread } from './step-threads.ts';
+
+type AnyStep = SandboxedStep<any, any, any>; // eslint-disable-line @typescript-eslint/no-explicit-any
+
+/**
+ * The per-patient steps' modules, imported alone: the full list (sandboxed.ts) brings the model and evaluation
+ * code, seconds of CPU to load in every new thread, which a thread that only preprocesses never runs. Any other
+ * step loads the full list, so a sandboxed step missing here only starts slower.
+ */
+const LIGHT: Record<string, () => Promise<AnyStep>> = {
+  preprocess_patient: async () => (await import('./preprocess-patient.ts')).preprocessPatientStep,
+  preprocess_kaggle: async () => (await import('./preprocess-kaggle.ts')).preprocessKaggle,
+};
+const loaded = new Map<string, Promise<AnyStep | undefined>>();
+
+function stepNamed(name: string): Promise<AnyStep | undefined> {
+  let step = loaded.get(name);
+  if (!step) {
+    step = LIGHT[name]?.() ?? import('./sandboxed.ts').then((m) => m.SANDBOXED_STEPS.find((d) => d.name === name));
+    loaded.set(name, step);
+  }
+  return step;
+}
+
+// Loaded while the thread waits for its first task (the pool starts threads early): the per-patient step's module.
+void stepNamed('preprocess_patient').catch(() => undefined);
 
 const port = parentPort!;
 const send = (m: FromThread) => port.postMessage(m);
 const aborts = new Map<number, AbortController>();
+/** The rows of the runs this thread has had tasks of, oldest first (see ToThread). */
+const runs = new Map<string, RunRow>();
 
 port.on('message', (m: ToThread) => {
   if (m.type === 'abort') {
@@ -18,17 +45,23 @@ port.on('message', (m: ToThread) => {
     return;
   }
   const { id } = m;
+  if (m.run) {
+    runs.set(m.runId, m.run);
+    if (runs.size > RUNS_KEPT_PER_THREAD) runs.delete(runs.keys().next().value!);
+  }
+  const run = runs.get(m.runId);
   const abort = new AbortController();
   aborts.set(id, abort);
   void (async () => {
     try {
-      const def = SANDBOXED_STEPS.find((d) => d.name === m.jobName);
+      if (!run) throw new Error(`step thread: no row of run ${m.runId} was sent with its first task`);
+      const def = await stepNamed(m.jobName);
       if (!def) throw new Error(`no sandboxed step named '${m.jobName}' in this version`);
       const s: StepContext<unknown> & { prepared: unknown } = {
         prepared: m.prepared,
         data: def.data.parse(m.data),
-        run: m.run,
-        config: m.run.config as Config,
+        run,
+        config: run.config as Config,
         signal: abort.signal,
         progress: async (counts) => send({ type: 'progress', id, counts }),
         childResults: async () => m.childResults,

@@ -12,6 +12,8 @@ import type { StepOutcome } from './define.ts';
 import { StepAbortedError } from './errors.ts';
 
 const ENTRY = fileURLToPath(new URL('./step-thread.mjs', import.meta.url));
+/** Run rows a step thread keeps (ToThread); the main thread forgets them in the same order, so both agree. */
+export const RUNS_KEPT_PER_THREAD = 8;
 
 export interface ThreadTask {
   jobName: string;
@@ -22,7 +24,12 @@ export interface ThreadTask {
   prepared: unknown;
 }
 
-export type ToThread = ({ type: 'run'; id: number } & ThreadTask) | { type: 'abort'; id: number };
+/**
+ * A task as posted: the run's row goes to a thread once per run (the thread keeps it), not with every shard of
+ * it; cloning it per message was a measurable part of a tiny shard's cost. The fields bodies read from it (id,
+ * data dir, config, sources) do not change while a run goes.
+ */
+export type ToThread = ({ type: 'run'; id: number; runId: string; run?: RunRow } & Omit<ThreadTask, 'run'>) | { type: 'abort'; id: number };
 export type FromThread =
   | { type: 'progress'; id: number; counts: Record<string, number> }
   | { type: 'log'; id: number; message: string }
@@ -68,6 +75,8 @@ interface Slot {
   thread: Worker;
   /** Taken by a job (set before its task is posted, so two jobs never get one thread). */
   busy: boolean;
+  /** Runs whose row this thread already holds (it keeps as many as RUNS_KEPT_PER_THREAD). */
+  runsSent: string[];
   task?: { id: number; hooks: RunInThreadHooks; resolve(o: StepOutcome<unknown>): void; reject(e: Error): void; onAbort(): void };
 }
 
@@ -85,6 +94,9 @@ export class StepThreadPool {
 
   constructor({ size = 1 }: StepThreadPoolOptions = {}) {
     this.size = Math.max(1, size);
+    // Started now, not at the first job: loading a thread's modules is seconds of CPU, which then overlaps the
+    // run's download instead of delaying its first shards.
+    for (let i = 0; i < this.size; i++) this.spawn();
   }
 
   async run(task: ThreadTask, hooks: RunInThreadHooks): Promise<StepOutcome<unknown>> {
@@ -96,7 +108,13 @@ export class StepThreadPool {
         slot.task = { id, hooks, resolve, reject, onAbort };
         if (hooks.signal.aborted) onAbort();
         hooks.signal.addEventListener('abort', onAbort);
-        slot.thread.postMessage({ type: 'run', id, ...task } satisfies ToThread);
+        const { run, ...rest } = task;
+        const known = slot.runsSent.includes(run.id);
+        if (!known) {
+          slot.runsSent.push(run.id);
+          if (slot.runsSent.length > RUNS_KEPT_PER_THREAD) slot.runsSent.shift();
+        }
+        slot.thread.postMessage({ type: 'run', id, ...rest, runId: run.id, ...(known ? {} : { run }) } satisfies ToThread);
       });
     } finally {
       if (slot.task) hooks.signal.removeEventListener('abort', slot.task.onAbort);
@@ -129,7 +147,7 @@ export class StepThreadPool {
   }
 
   private spawn(): Slot {
-    const slot: Slot = { thread: new Worker(ENTRY), busy: false };
+    const slot: Slot = { thread: new Worker(ENTRY), busy: false, runsSent: [] };
     // A pool thread must not keep a process alive that is otherwise done.
     slot.thread.unref();
     slot.thread.on('message', (m: FromThread) => {

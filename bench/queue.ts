@@ -1,0 +1,414 @@
+/**
+ * Benchmark: the queue layer's cost per shard. A data-only run's preprocess_brats on synthetic patients, through
+ * the real flow (the API's createRun, the worker host, the runner, step threads, the database), timed from the
+ * coordinator's start to the last shard's completion, against the floor: the same number of no-op jobs through
+ * a bare BullMQ queue and worker on the same Redis, with the same concurrency, measured in the same run.
+ *
+ * - tiny shards (32 x 32 x 8 patients): what bookkeeping costs per shard, at 100 and 1,000 shards (10,000 with
+ *   --shards), on the embedded PGlite and on a real Postgres;
+ * - CPU-bound shards (bigger patients): two `slicewise worker --queues preprocess` processes against one
+ *   (Postgres only: PGlite serves one process).
+ *
+ * Redis: REDIS_URL, or a private redis-server started for the bench. Postgres: DATABASE_URL (a throwaway database
+ * is created on that server and dropped after); without it the Postgres rows say so.
+ *
+ *   npx tsx bench/queue.ts [--shards 100,1000,10000] [--db pglite,postgres] [--no-scale-out]
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { realpathSync } from 'node:fs';
+import { link, mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { cpus, tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Queue, QueueEvents, Worker } from 'bullmq';
+import pg from 'pg';
+import { printTable, writeResult } from 'tfjs-wasm-training/bench/table';
+import { startPrivateRedis, type PrivateRedis } from '../src/cli/redis-server.ts';
+import { createContext, type AppContext } from '../src/context.ts';
+import { openDb, type DbHandle } from '../src/db/client.ts';
+import { env } from '../src/env.ts';
+import { createLogger } from '../src/lib/logger.ts';
+import { redactPassword } from '../src/lib/redact.ts';
+import { createRedis } from '../src/queues/connection.ts';
+import { runPaths } from '../src/disk/layout.ts';
+import { createRun } from '../src/runs/service.ts';
+import { getRunRow } from '../src/runs/store.ts';
+import { synthesize } from '../src/synth/index.ts';
+import { startWorkers } from '../src/workers/host.ts';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const BIN = resolve(here, '../bin/slicewise.mjs');
+const TINY: [number, number, number] = [32, 32, 8];
+/** Big enough that a shard is CPU work (~0.2-0.3 s here), small enough that the bench stays short. */
+const CPU_BOUND: [number, number, number] = [160, 160, 64];
+const CPU_BOUND_PATIENTS = 40;
+
+type DbKind = 'pglite' | 'postgres';
+
+export interface FlowFigure {
+  db: DbKind;
+  shards: number;
+  /** Coordinator start (its job active) to the last shard job finished. */
+  ms: number;
+  per_shard_ms: number;
+  /** Coordinator start to preprocess_brats done (its collect phase included). */
+  step_ms: number;
+  /**
+   * CPU time of the process that runs the workers (all its threads), coordinator start to run end, per shard:
+   * steadier than wall time on a shared machine. Redis's and Postgres's own CPU are not in it.
+   */
+  cpu_per_shard_ms: number;
+  /** Bare BullMQ no-op jobs, the same count and concurrency, measured just before. */
+  floor_ms: number;
+  floor_per_job_ms: number;
+  ratio: number;
+}
+
+export interface ScaleOutFigure {
+  processes: number;
+  shards: number;
+  ms: number;
+  per_shard_ms: number;
+}
+
+export interface QueueBenchResult {
+  bench: 'queue';
+  date: string;
+  node: string;
+  cores: number;
+  redis: string;
+  postgres: string | null;
+  /** Why the Postgres rows are missing, when they are. */
+  postgres_note?: string;
+  concurrency: number;
+  tiny: FlowFigure[];
+  scale_out: ScaleOutFigure[];
+  scale_out_note?: string;
+  scale_out_ratio?: number;
+  goal: { per_shard_ms: number; scale_out_ratio: number };
+  [key: string]: unknown;
+}
+
+export interface QueueBenchOptions {
+  shards?: number[];
+  dbs?: DbKind[];
+  scaleOut?: boolean;
+}
+
+const round = (x: number, digits = 2): number => Math.round(x * 10 ** digits) / 10 ** digits;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** The floor: `n` no-op jobs through a bare BullMQ queue and worker, from the worker's start to the last completion. */
+async function bareBullmq(redisUrl: string, n: number, concurrency: number): Promise<number> {
+  const prefix = `swbfloor${randomBytes(3).toString('hex')}`;
+  const conn = createRedis(redisUrl);
+  const queue = new Queue('noop', { connection: conn, prefix });
+  try {
+    for (let i = 0; i < n; i += 1000) {
+      await queue.addBulk(Array.from({ length: Math.min(1000, n - i) }, (_, k) => ({ name: 'noop', data: { i: i + k }, opts: { removeOnComplete: true } })));
+    }
+    let done = 0;
+    let finished!: () => void;
+    const all = new Promise<void>((r) => (finished = r));
+    const t0 = performance.now();
+    const workerConn = createRedis(redisUrl);
+    const worker = new Worker('noop', async () => undefined, { connection: workerConn, prefix, concurrency });
+    worker.on('completed', () => {
+      if (++done === n) finished();
+    });
+    await all;
+    const ms = performance.now() - t0;
+    await worker.close();
+    workerConn.disconnect();
+    return ms;
+  } finally {
+    await queue.obliterate({ force: true }).catch(() => {});
+    await queue.close();
+    conn.disconnect();
+  }
+}
+
+/** A database for one measurement: a throwaway PGlite, or a new database on the Postgres server. */
+async function benchDb(kind: DbKind, serverUrl: string | undefined): Promise<DbHandle & { url?: string }> {
+  if (kind === 'pglite') return openDb({ url: '', pgliteDir: 'memory://' });
+  const name = `slicewise_bench_${randomBytes(4).toString('hex')}`;
+  const admin = new pg.Client({ connectionString: serverUrl });
+  await admin.connect();
+  await admin.query(`create database ${name}`);
+  await admin.end();
+  const url = new URL(serverUrl!);
+  url.pathname = `/${name}`;
+  const h = await openDb({ url: url.toString() });
+  return {
+    ...h,
+    url: url.toString(),
+    async close() {
+      await h.close();
+      const a = new pg.Client({ connectionString: serverUrl });
+      await a.connect();
+      await a.query(`drop database if exists ${name} with (force)`);
+      await a.end();
+    },
+  };
+}
+
+async function clearPrefix(ctx: AppContext): Promise<void> {
+  const keys = await ctx.redis.keys(`${ctx.prefix}:*`);
+  for (let i = 0; i < keys.length; i += 500) await ctx.redis.del(...keys.slice(i, i + 500));
+}
+
+/** Patients are listed before a run: its shards are the ones the run's max_patients picks. */
+interface Dataset {
+  brats: string;
+  kaggle: string;
+}
+
+/** synth names patients BraTS20_Training_NNN, so at most 999 of them. */
+const SYNTH_MAX = 999;
+
+/**
+ * `patients` synthetic patients. Beyond synth's 999, the dataset is a BraTS-2021-named tree (BraTS2021_NNNNN) of
+ * hard links to the synthesized files, cycling through them: as many patients as asked, for no more disk.
+ */
+async function makeDataset(root: string, patients: number, size: [number, number, number]): Promise<Dataset> {
+  const res = await synthesize({ out: join(root, 'synth'), patients: Math.min(patients, SYNTH_MAX), size, kaggleYes: 3, kaggleNo: 3, kaggleSize: 64, seed: 7 });
+  const kaggle = `path:${res.kaggleDir}`;
+  if (patients <= SYNTH_MAX) return { brats: `path:${res.bratsDir}`, kaggle };
+  const tree = join(root, 'brats2021');
+  for (let i = 0; i < patients; i++) {
+    const src = res.patients[i % res.patients.length]!;
+    const id = `BraTS2021_${String(i).padStart(5, '0')}`;
+    await mkdir(join(tree, id), { recursive: true });
+    for (const f of await readdir(join(res.bratsDir, src))) {
+      await link(join(res.bratsDir, src, f), join(tree, id, f.replace(src, id)));
+    }
+  }
+  return { brats: `path:${tree}`, kaggle };
+}
+
+/**
+ * One data-only run whose preprocess_brats fans out `shards` patients. `preprocessProcs` > 0: the shards go to
+ * that many `slicewise worker --queues preprocess --concurrency 1` processes instead of this process.
+ */
+async function timedRun(
+  opts: { kind: DbKind; serverUrl?: string; redisUrl: string; dataDir: string; dataset: Dataset; shards: number; imageSize: number; preprocessProcs?: number },
+): Promise<{ ms: number; stepMs: number; cpuMs: number }> {
+  const db = await benchDb(opts.kind, opts.serverUrl);
+  const { dataDir } = opts;
+  let runDir: string | undefined;
+  const prefix = `swbench${randomBytes(3).toString('hex')}`;
+  const ctx = createContext({ db: db.db, redisUrl: opts.redisUrl, dataDir, prefix, logger: createLogger('bench', 'warn') });
+  const procs: ChildProcess[] = [];
+  const out: string[] = [];
+  const external = opts.preprocessProcs ?? 0;
+  const cleanup: (() => Promise<unknown>)[] = [];
+  const host = await startWorkers(ctx, external ? { queues: ['pipeline', 'download', 'split'] } : {});
+  try {
+    for (let i = 0; i < external; i++) {
+      const p = spawn(process.execPath, [BIN, 'worker', '--queues', 'preprocess', '--concurrency', '1', '--data-dir', dataDir], {
+        env: { ...process.env, REDIS_URL: opts.redisUrl, DATABASE_URL: db.url, SLICEWISE_QUEUE_PREFIX: prefix, LOG_LEVEL: 'warn' },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
+      p.stdout!.on('data', (d) => out.push(String(d)));
+      p.stderr!.on('data', (d) => out.push(String(d)));
+      procs.push(p);
+    }
+    const deadline = Date.now() + 60_000;
+    while (external && (await ctx.queues.preprocess.getWorkers()).length < external) {
+      if (Date.now() > deadline) throw new Error(`the bench's worker processes did not come up:\n${out.join('')}`);
+      await sleep(100);
+    }
+    // The last shard: the latest completion event of a shard job on the queue's event stream (its entry id is a
+    // Redis timestamp in ms). Completed shard jobs themselves are trimmed from Redis (SHARD_RETENTION) as they go.
+    const eventsConn = createRedis(opts.redisUrl);
+    const events = new QueueEvents('preprocess', { connection: eventsConn, prefix });
+    let shardsDone = 0;
+    let last = 0;
+    events.on('completed', ({ jobId: id }, eventId) => {
+      if (!id.includes('.patient.')) return;
+      shardsDone++;
+      last = Math.max(last, Number(eventId.split('-')[0]));
+    });
+    await events.waitUntilReady();
+    cleanup.push(async () => {
+      await events.close();
+      eventsConn.disconnect();
+    });
+    const pipelineWorker = host.workers.find((w) => w.name === 'pipeline')!;
+    let t0 = 0;
+    let tStep = 0;
+    let cpu0: NodeJS.CpuUsage | undefined;
+    pipelineWorker.on('active', (job) => {
+      if (job.name === 'preprocess_brats' && !t0) {
+        t0 = Date.now();
+        cpu0 = process.cpuUsage();
+      }
+    });
+    pipelineWorker.on('completed', (job) => {
+      if (job.name === 'preprocess_brats') tStep = Date.now();
+    });
+    const { run } = await createRun(ctx, {
+      mode: 'data-only',
+      trainingMode: 'quick',
+      sources: { brats: opts.dataset.brats, kaggle: opts.dataset.kaggle },
+      overrides: { data: { image_size: opts.imageSize, max_patients: opts.shards, patients: { fraction: 1 } } },
+    });
+    runDir = runPaths(dataDir, run.id).root;
+    for (;;) {
+      const row = await getRunRow(ctx.db, run.id);
+      if (row?.status === 'succeeded') break;
+      if (row && ['failed', 'cancelled'].includes(row.status)) throw new Error(`bench run ${run.id} ${row.status}: ${row.error}\n${out.join('')}`);
+      await sleep(100);
+    }
+    const cpu = process.cpuUsage(cpu0);
+    const settle = Date.now() + 5000;
+    while (shardsDone < opts.shards && Date.now() < settle) await sleep(50);
+    if (shardsDone !== opts.shards) throw new Error(`expected ${opts.shards} completed shards, saw ${shardsDone}`);
+    return { ms: last - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000 };
+  } finally {
+    for (const p of procs) if (p.exitCode === null) p.kill('SIGKILL');
+    for (const c of cleanup) await c();
+    await host.close(true);
+    await clearPrefix(ctx);
+    await ctx.close();
+    await db.close();
+    if (runDir) await rm(runDir, { recursive: true, force: true });
+  }
+}
+
+async function postgresServer(): Promise<{ url?: string; note?: string }> {
+  const url = env().databaseUrl;
+  if (!url) return { note: 'DATABASE_URL is not set: no Postgres figures (set it to a server where the role may create databases)' };
+  const c = new pg.Client({ connectionString: url });
+  try {
+    await c.connect();
+    await c.query('select 1');
+    return { url };
+  } catch (err) {
+    return { note: `Postgres at ${redactPassword(url)} is not reachable (${(err as Error).message}): no Postgres figures` };
+  } finally {
+    await c.end().catch(() => {});
+  }
+}
+
+export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'postgres'], scaleOut = true }: QueueBenchOptions = {}): Promise<QueueBenchResult> {
+  const work = await mkdtemp(join(tmpdir(), 'slicewise-bench-'));
+  let privateRedis: PrivateRedis | undefined;
+  try {
+    let redisUrl = env().redisUrl;
+    if (!redisUrl) {
+      privateRedis = await startPrivateRedis(join(work, 'redis-home'));
+      redisUrl = privateRedis.url;
+    }
+    const server = await postgresServer();
+    const concurrency = Math.max(1, cpus().length);
+    // One data dir for every run: `path:` sources must lie inside it (or SLICEWISE_ALLOWED_ROOTS).
+    const dataDir = join(work, 'data');
+    const tinyData = await makeDataset(join(dataDir, 'bench-sources', 'tiny'), Math.max(...shards), TINY);
+    // Warm-up: the first run pays for loading the step threads' modules and the JIT.
+    await timedRun({ kind: 'pglite', redisUrl, dataDir, dataset: tinyData, shards: Math.min(50, Math.max(...shards)), imageSize: 32 });
+
+    const tiny: FlowFigure[] = [];
+    for (const n of shards) {
+      for (const kind of dbs) {
+        if (kind === 'postgres' && !server.url) continue;
+        const floorMs = await bareBullmq(redisUrl, n, concurrency);
+        const r = await timedRun({ kind, serverUrl: server.url, redisUrl, dataDir, dataset: tinyData, shards: n, imageSize: 32 });
+        tiny.push({
+          db: kind,
+          shards: n,
+          ms: Math.round(r.ms),
+          per_shard_ms: round(r.ms / n),
+          step_ms: Math.round(r.stepMs),
+          cpu_per_shard_ms: round(r.cpuMs / n),
+          floor_ms: Math.round(floorMs),
+          floor_per_job_ms: round(floorMs / n, 3),
+          ratio: round(r.ms / floorMs, 1),
+        });
+        console.error(`queue bench: ${n} tiny shards on ${kind}: ${(r.ms / n).toFixed(2)} ms per shard (floor ${(floorMs / n).toFixed(3)} ms)`);
+      }
+    }
+
+    const scale: ScaleOutFigure[] = [];
+    let scaleNote: string | undefined;
+    if (!scaleOut) scaleNote = 'skipped (--no-scale-out)';
+    else if (!server.url) scaleNote = 'needs Postgres (PGlite serves one process); set DATABASE_URL';
+    else {
+      const cpuData = await makeDataset(join(dataDir, 'bench-sources', 'cpu'), CPU_BOUND_PATIENTS, CPU_BOUND);
+      // Interleaved, twice each: the machine's load changes under a bench.
+      for (const procs of [1, 2, 1, 2]) {
+        const r = await timedRun({ kind: 'postgres', serverUrl: server.url, redisUrl, dataDir, dataset: cpuData, shards: CPU_BOUND_PATIENTS, imageSize: 128, preprocessProcs: procs });
+        scale.push({ processes: procs, shards: CPU_BOUND_PATIENTS, ms: Math.round(r.ms), per_shard_ms: round(r.ms / CPU_BOUND_PATIENTS) });
+        console.error(`queue bench: ${CPU_BOUND_PATIENTS} CPU-bound shards on ${procs} worker process(es): ${(r.ms / 1000).toFixed(2)} s`);
+      }
+    }
+    const best = (p: number) => Math.min(...scale.filter((s) => s.processes === p).map((s) => s.ms));
+    return {
+      bench: 'queue',
+      date: new Date().toISOString(),
+      node: process.version,
+      cores: cpus().length,
+      redis: privateRedis ? 'a private redis-server started by the bench' : redactPassword(redisUrl),
+      postgres: server.url ? redactPassword(server.url) : null,
+      ...(server.note ? { postgres_note: server.note } : {}),
+      concurrency,
+      floor: 'no-op jobs through a bare BullMQ Queue + Worker on the same Redis, the same concurrency, removeOnComplete',
+      tiny_patients: TINY,
+      cpu_bound_patients: CPU_BOUND,
+      tiny,
+      scale_out: scale,
+      ...(scaleNote ? { scale_out_note: scaleNote } : {}),
+      ...(scale.length ? { scale_out_ratio: round(best(1) / best(2)) } : {}),
+      goal: { per_shard_ms: 3, scale_out_ratio: 1.8 },
+    };
+  } finally {
+    await privateRedis?.stop();
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+export function printQueueTables(r: QueueBenchResult): void {
+  if (r.postgres_note) console.log(`Postgres: ${r.postgres_note}`);
+  printTable([
+    ['tiny shards (32 x 32 x 8)', 'shards', 'total ms', 'ms per shard', 'cpu ms per shard', 'step ms', 'bare BullMQ ms per job', 'ratio'],
+    ...r.tiny.map((f) => [f.db, String(f.shards), String(f.ms), f.per_shard_ms.toFixed(2), f.cpu_per_shard_ms.toFixed(2), String(f.step_ms), f.floor_per_job_ms.toFixed(3), `${f.ratio}x`]),
+  ]);
+  console.log('');
+  if (r.scale_out_note) console.log(`scale-out: ${r.scale_out_note}`);
+  else {
+    printTable([
+      [`CPU-bound shards (${CPU_BOUND.join(' x ')})`, 'shards', 'total ms', 'ms per shard'],
+      ...r.scale_out.map((s) => [`${s.processes} worker process(es)`, String(s.shards), String(s.ms), s.per_shard_ms.toFixed(1)]),
+    ]);
+    console.log(`two processes / one (best of each): ${r.scale_out_ratio}x (goal ${r.goal.scale_out_ratio}x)`);
+  }
+}
+
+function parseArgs(args: string[]): QueueBenchOptions {
+  const o: QueueBenchOptions = {};
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--shards') o.shards = args[++i]!.split(',').map(Number);
+    else if (a === '--db') o.dbs = args[++i]!.split(',') as DbKind[];
+    else if (a === '--no-scale-out') o.scaleOut = false;
+    else throw new Error(`unknown argument ${a} (usage: bench/queue.ts [--shards 100,1000,10000] [--db pglite,postgres] [--no-scale-out])`);
+  }
+  if (o.shards?.some((n) => !Number.isInteger(n) || n < 1)) throw new Error('--shards takes positive integers, e.g. --shards 100,1000,10000');
+  return o;
+}
+
+const invoked = process.argv[1] ? pathToFileURL(realpathSync(process.argv[1])).href : '';
+if (invoked === import.meta.url) {
+  (async () => {
+    const result = await runQueueBench(parseArgs(process.argv.slice(2)));
+    printQueueTables(result);
+    await writeResult(resolve(here, 'results/queue.json'), result);
+  })()
+    .catch((err) => {
+      console.error(err);
+      process.exitCode = 1;
+    })
+    // A forced worker host leaves its step threads to the process's exit (host.ts): this is it.
+    .finally(() => process.exit());
+}
