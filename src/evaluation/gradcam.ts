@@ -22,24 +22,86 @@ export interface CamOptions {
 
 /**
  * Grad-CAM maps for every sample of a batch: N x S x S in [0, 1], not yet brain-masked (a map that is zero
- * everywhere stays zero).
+ * everywhere stays zero). Runs the encoder; a caller that has just run the model passes that pass's bottleneck to
+ * camFromBottleneck instead (the demo does), which skips this second encoder pass.
  */
 export function gradCam(model: UNetModel, batch: SliceBatch, { classes }: CamOptions): Float32Array {
   const { n, size } = batch;
   if (classes.length !== n) throw new RangeError(`gradCam: ${classes.length} classes for ${n} samples`);
-  return tf.tidy(() => {
-    const x = toModelInput(batch);
-    const { bottleneck } = model.encode(x, { training: false });
-    const chosen = tf.oneHot(tf.tensor1d(classes, 'int32'), 2);
-    const grads = tf.grad((b: tf.Tensor) => model.classify(b as tf.Tensor4D, { training: false }).mul(chosen).sum())(bottleneck);
-    const weights = grads.mean([1, 2], true);
-    const cam = tf.relu(bottleneck.mul(weights).sum(3, true)) as tf.Tensor4D;
-    const up = tf.image.resizeBilinear(cam, [size, size], false, true);
-    const lo = up.min([1, 2, 3], true);
-    const range = up.max([1, 2, 3], true).sub(lo);
-    // A flat map (range 0) stays 0 instead of dividing by zero.
-    return up.sub(lo).div(range.add(tf.scalar(1e-12))).mul(range.greater(0).cast('float32')).dataSync() as Float32Array;
+  const bottleneck = tf.tidy(() => model.encode(toModelInput(batch), { training: false }).bottleneck);
+  try {
+    return camFromBottleneck(model, bottleneck, classes, size);
+  } finally {
+    bottleneck.dispose();
+  }
+}
+
+/**
+ * The Grad-CAM maps (N x S x S, [0, 1]) of `classes` from bottleneck activations already computed (N x h x w x C);
+ * nothing here runs the encoder.
+ *
+ * The head starts with a global average pool, so the gradient of a logit with respect to the bottleneck is the
+ * same at every pixel: its gradient with respect to the pooled features, divided by h x w, which is what Grad-CAM
+ * averages over space anyway. So the channel weights come from a backward pass through the head on the pooled
+ * N x 1 x 1 x C features alone (the pool of a 1 x 1 map is itself), not on the full bottleneck. The rest (the
+ * weighted sum, ReLU, the bilinear resize with half-pixel centres as tf.image.resizeBilinear does it, the min-max
+ * normalisation) is a few plain loops over one small map: as tfjs ops on the wasm backend they cost ~10 ms of
+ * dispatch and allocation for well under 1 ms of arithmetic.
+ */
+export function camFromBottleneck(model: UNetModel, bottleneck: tf.Tensor4D, classes: readonly number[], size: number): Float32Array {
+  const [n, h, w, c] = bottleneck.shape;
+  if (classes.length !== n) throw new RangeError(`camFromBottleneck: ${classes.length} classes for ${n} samples`);
+  const weights = tf.tidy(() => {
+    const chosen = tf.oneHot(tf.tensor1d(classes as number[], 'int32'), 2);
+    const pooled = bottleneck.mean([1, 2], true);
+    return tf.grad((p: tf.Tensor) => model.classify(p as tf.Tensor4D, { training: false }).mul(chosen).sum())(pooled).dataSync() as Float32Array;
   });
+  const a = bottleneck.dataSync() as Float32Array;
+  const area = size * size;
+  const out = new Float32Array(n * area);
+  const cam = new Float32Array(h * w);
+  for (let s = 0; s < n; s++) {
+    const wt = weights.subarray(s * c, (s + 1) * c);
+    const base = s * h * w * c;
+    for (let i = 0; i < h * w; i++) {
+      let sum = 0;
+      for (let k = 0, o = base + i * c; k < c; k++) sum += a[o + k]! * wt[k]!;
+      cam[i] = sum > 0 ? sum / (h * w) : 0;
+    }
+    const up = out.subarray(s * area, (s + 1) * area);
+    resizeBilinearHalfPixel(cam, h, w, up, size, size);
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (let i = 0; i < area; i++) {
+      if (up[i]! < lo) lo = up[i]!;
+      if (up[i]! > hi) hi = up[i]!;
+    }
+    // A flat map (range 0) stays 0 instead of dividing by zero.
+    const range = hi - lo;
+    for (let i = 0; i < area; i++) up[i] = range > 0 ? (up[i]! - lo) / range : 0;
+  }
+  return out;
+}
+
+/** One channel resized bilinearly, half-pixel centres, edges clamped: tf.image.resizeBilinear(x, size, false, true). */
+function resizeBilinearHalfPixel(src: Float32Array, h: number, w: number, dst: Float32Array, outH: number, outW: number): void {
+  const axis = (o: number, inN: number, outN: number) => {
+    const x = (inN / outN) * (o + 0.5) - 0.5;
+    const f = Math.floor(x);
+    return { lo: Math.max(0, f), hi: Math.min(inN - 1, Math.ceil(x)), frac: x - f };
+  };
+  const cols = Array.from({ length: outW }, (_, x) => axis(x, w, outW));
+  for (let y = 0; y < outH; y++) {
+    const r = axis(y, h, outH);
+    const top = r.lo * w;
+    const bottom = r.hi * w;
+    for (let x = 0; x < outW; x++) {
+      const col = cols[x]!;
+      const t = src[top + col.lo]! + (src[top + col.hi]! - src[top + col.lo]!) * col.frac;
+      const b = src[bottom + col.lo]! + (src[bottom + col.hi]! - src[bottom + col.lo]!) * col.frac;
+      dst[y * outW + x] = t + (b - t) * r.frac;
+    }
+  }
 }
 
 /**

@@ -7,6 +7,7 @@ import { initBackend as initEngineBackend, type BackendInfo, type InitBackendOpt
 import { env } from '../env.ts';
 
 export type { BackendChoice, BackendInfo } from 'tfjs-wasm-training';
+export { setSimdThreadGate } from 'tfjs-wasm-training';
 
 export interface EngineOptions {
   /** Backend to use; SLICEWISE_TF_BACKEND wins over it. Default: the first that works, fastest first. */

@@ -100,6 +100,11 @@ export interface UNetModel {
   encode(x: tf.Tensor4D, opts: ForwardOptions): EncodeResult;
   /** The classification head applied to bottleneck features. */
   classify(bottleneck: tf.Tensor4D, opts: ForwardOptions): tf.Tensor2D;
+  /**
+   * The decoder on encode()'s skips, to segmentation logits: with encode and classify, a forward pass whose
+   * bottleneck the caller keeps (inference reuses it for Grad-CAM). forward() is encode + decode + classify.
+   */
+  decode(skips: tf.Tensor4D[], opts: ForwardOptions): tf.Tensor4D;
   /** Number of trainable parameters (all groups, or one). */
   countParams(group?: ParamGroup): number;
   dispose(): void;
@@ -303,6 +308,7 @@ export function createUNet(arch: PresetName | ArchConfig, opts: CreateUNetOption
     groupBuffers: (g) => groupMap(buffers, g),
     encode,
     classify,
+    decode,
     forward(x, o) {
       const { skips, bottleneck } = encode(x, o);
       return { segLogits: decode(skips, o), clsLogits: classify(bottleneck, o) };

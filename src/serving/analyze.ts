@@ -3,12 +3,13 @@
  * through the training path's own preprocessing and the model, to the answers the original's demo gave. No HTTP,
  * queue or database code; the inference threads (inference-pool.ts) call these.
  */
+import * as tf from '@tensorflow/tfjs';
 import sharp from 'sharp';
 import { volumeToSlices } from '../imaging/brats.ts';
 import { kaggleImageToInput, labelComponents } from '../imaging/kaggle.ts';
 import { parseNiftiRaw, type RawNiftiVolume } from '../imaging/nifti.ts';
-import { brainOf, gradCam, overlayPng } from '../evaluation/gradcam.ts';
-import { predict, type SliceBatch } from '../evaluation/predict.ts';
+import { brainOf, camFromBottleneck, overlayPng } from '../evaluation/gradcam.ts';
+import { predict, toModelInput, type SliceBatch } from '../evaluation/predict.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import type { UNetModel } from '../model/unet.ts';
 
@@ -119,6 +120,59 @@ function checkModel(model: UNetModel): void {
   }
 }
 
+export interface ImageOutputs {
+  /** p(tumour) of the classification head. */
+  p: number;
+  /** p(tumour) per pixel, S x S; null when `segment` said no. */
+  seg: Float32Array | null;
+  /** The Grad-CAM of the predicted class, S x S in [0, 1] (see gradCam); null without `gradcam`. */
+  cam: Float32Array | null;
+}
+
+export interface ImageModelOptions {
+  /** Run the decoder for this p(tumour)? */
+  segment: (p: number) => boolean;
+  gradcam: boolean;
+  /** Called with the Grad-CAM as soon as it is known, before the decoder runs (to encode its PNG meanwhile). */
+  onCam?: (cam: Float32Array) => void;
+}
+
+/**
+ * One image through the model, in eval mode, computing only what the answer needs: the encoder and the
+ * classification head always; the decoder only when `segment(p)` says so (p(tumour) is read first, so a
+ * /predict_multitask on an image below the segmentation cut-off skips the decoder, the larger half of the work);
+ * the Grad-CAM of the predicted class (p >= 0.5 is class 1) from this same pass's bottleneck, so the encoder
+ * runs once (gradCam, which runs it again, gives the same map).
+ */
+export async function runImageModel(model: UNetModel, batch: SliceBatch, { segment, gradcam, onCam }: ImageModelOptions): Promise<ImageOutputs> {
+  if (batch.n !== 1) throw new RangeError(`runImageModel: one image, got ${batch.n}`);
+  const opts = { training: false };
+  const { skips, prob } = tf.tidy(() => {
+    const { skips, bottleneck } = model.encode(toModelInput(batch), opts);
+    return { skips, prob: tf.softmax(model.classify(bottleneck, opts)).slice([0, 1], [1, 1]) };
+  });
+  try {
+    const p = (await prob.data())[0]!;
+    let cam: Float32Array | null = null;
+    if (gradcam) {
+      cam = camFromBottleneck(model, skips[skips.length - 1]!, [classification(p).predicted_class], batch.size);
+      onCam?.(cam);
+    }
+    let seg: Float32Array | null = null;
+    if (segment(p)) {
+      const segT = tf.tidy(() => tf.sigmoid(model.decode(skips, opts)));
+      try {
+        seg = (await segT.data()) as Float32Array;
+      } finally {
+        segT.dispose();
+      }
+    }
+    return { p, cam, seg };
+  } finally {
+    tf.dispose([prob, ...skips]);
+  }
+}
+
 /** One JPEG or PNG: the Kaggle path's brain mask and z-score, then the model. */
 export async function analyzeImage(model: UNetModel, bytes: Uint8Array, name: string, req: ImageRequest): Promise<ImageAnalysis> {
   checkModel(model);
@@ -126,29 +180,26 @@ export async function analyzeImage(model: UNetModel, bytes: Uint8Array, name: st
   const input = await kaggleImageToInput(bytes, { imageSize: size });
   if (!input.ok) throw new SliceWiseError(`${name}: ${input.reason}`, { status: 422, code: 'bad_image', details: { file: name, reason: input.reason } });
   const batch: SliceBatch = { images: input.image, n: 1, size, channels: 1 };
-  const want = req.segment !== 'never';
-  const preds = await predict(model, batch, { classifyOnly: !want });
-  const p = preds.cls[0]!;
-  const result: ImageAnalysis = { classification: classification(p), segmentation: null, gradcam_png: null, image_size: size };
-  if (req.segment === 'always' || (req.segment === 'if-tumor' && p >= segmentFrom)) {
-    const mask = new Uint8Array(size * size);
-    for (let i = 0; i < mask.length; i++) mask[i] = preds.seg[i]! > threshold ? 1 : 0;
-    const pixels = removeSmallObjects(mask, size, size, minObjectSize);
-    const grey = greyOf(input.image, input.brainMask);
-    result.segmentation = {
-      threshold,
-      min_object_size: minObjectSize,
-      tumor_pixels: pixels,
-      tumor_fraction: pixels / (size * size),
-      mask_png: await maskPng(mask, size, size),
-      overlay_png: await maskOverlayPng(grey, mask, size, size),
-    };
-  }
-  if (req.gradcam) {
-    const cam = gradCam(model, batch, { classes: [result.classification.predicted_class] });
-    result.gradcam_png = await overlayPng(input.image, cam, brainOf(input.image, 'kaggle'), size);
-  }
-  return result;
+  const wants = (p: number) => req.segment === 'always' || (req.segment === 'if-tumor' && p >= segmentFrom);
+  // The PNGs are encoded on libuv's threads (sharp): the Grad-CAM's while the decoder runs, the mask's and the
+  // overlay's together.
+  let camPng: Promise<Buffer> | null = null;
+  const onCam = (cam: Float32Array) => {
+    camPng = overlayPng(input.image, cam, brainOf(input.image, 'kaggle'), size);
+    camPng.catch(() => {}); // awaited below; not an unhandled rejection if the decoder throws first
+  };
+  const out = await runImageModel(model, batch, { segment: wants, gradcam: req.gradcam, onCam });
+  const segmentation = out.seg ? segmentationOf(out.seg, input.image, input.brainMask, size, threshold, minObjectSize) : null;
+  const [gradcam_png, seg] = await Promise.all([camPng as Promise<Buffer> | null, segmentation]);
+  return { classification: classification(out.p), segmentation: seg, gradcam_png, image_size: size };
+}
+
+async function segmentationOf(probs: Float32Array, image: Float32Array, brain: Uint8Array, size: number, threshold: number, minObjectSize: number): Promise<ImageSegmentation> {
+  const mask = new Uint8Array(size * size);
+  for (let i = 0; i < mask.length; i++) mask[i] = probs[i]! > threshold ? 1 : 0;
+  const pixels = removeSmallObjects(mask, size, size, minObjectSize);
+  const [mask_png, overlay_png] = await Promise.all([maskPng(mask, size, size), maskOverlayPng(greyOf(image, brain), mask, size, size)]);
+  return { threshold, min_object_size: minObjectSize, tumor_pixels: pixels, tumor_fraction: pixels / (size * size), mask_png, overlay_png };
 }
 
 export interface SliceResult {

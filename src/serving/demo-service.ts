@@ -1,8 +1,10 @@
 /**
  * The model the demo serves and the threads that run it, started on first use: a server that comes up before any
- * run has trained answers "no trained model yet" and starts serving as soon as one has, without a restart.
+ * run has trained answers "no trained model yet" and starts serving as soon as one has, without a restart; a
+ * server already serving one moves to a newer run's model when one succeeds (model(), refreshMs).
  */
 import type { Db } from '../db/client.ts';
+import { env } from '../env.ts';
 import { InferencePool } from './inference-pool.ts';
 import { resolveServedModel, type ServedModel } from './served-model.ts';
 
@@ -26,6 +28,11 @@ export interface DemoServiceOptions {
   /** Inference threads. Default: one per core. */
   threads?: number;
   limits?: Partial<DemoLimits>;
+  /**
+   * How often, at most, a request (or /model/info) makes the service look for a newer model: the newest succeeded
+   * run may change while the server runs. Default: 5000 ms. The request itself never waits for that look.
+   */
+  refreshMs?: number;
 }
 
 export interface ServingModel {
@@ -33,39 +40,109 @@ export interface ServingModel {
   pool: InferencePool;
 }
 
+const DEFAULT_REFRESH_MS = 5000;
+
+function sameCheckpoint(a: ServedModel, b: ServedModel): boolean {
+  return a.checkpoint.dir === b.checkpoint.dir && a.checkpoint.sha256 === b.checkpoint.sha256;
+}
+
 export class DemoService {
   readonly limits: DemoLimits;
   private current: Promise<ServingModel> | null = null;
+  /** What `current` resolved to, once it has. */
+  private active: ServingModel | null = null;
+  private checkedAt = 0;
+  private checking: Promise<void> | null = null;
+  /** Pools of models replaced by a newer one, finishing their requests in flight. */
+  private readonly retiring = new Set<InferencePool>();
+  private closed = false;
 
   constructor(private readonly opts: DemoServiceOptions) {
     this.limits = { ...DEFAULT_DEMO_LIMITS, ...opts.limits };
   }
 
-  /** The served model, its threads warm. Throws NoModelError (409) while there is none; tries again next time. */
+  private async startPool(info: ServedModel): Promise<InferencePool> {
+    const pool = new InferencePool({ checkpoint: info.checkpoint.dir, size: this.opts.threads, kernelThreads: env().demoKernelThreads });
+    try {
+      await pool.ready;
+    } catch (err) {
+      await pool.close();
+      throw err;
+    }
+    return pool;
+  }
+
+  /**
+   * The served model, its threads warm. Throws NoModelError (409) while there is none; tries again next time.
+   * Every `refreshMs` at most, also looks for a newer model in the background: when the served run (or its
+   * checkpoint) changed, the new model's threads load while the old ones keep answering, then the new model
+   * takes over and the old threads stop once their requests in flight are answered.
+   */
   model(): Promise<ServingModel> {
     if (!this.current) {
       const starting = (async () => {
         const info = await resolveServedModel(this.opts.db, { fromRun: this.opts.fromRun });
-        const pool = new InferencePool({ checkpoint: info.checkpoint.dir, size: this.opts.threads });
-        try {
-          await pool.ready;
-        } catch (err) {
-          await pool.close();
-          throw err;
+        const served = { info, pool: await this.startPool(info) };
+        if (this.closed) {
+          await served.pool.close();
+          throw new Error('the demo service was closed');
         }
-        return { info, pool };
+        this.active = served;
+        return served;
       })();
+      this.checkedAt = Date.now();
       this.current = starting;
       starting.catch(() => {
         if (this.current === starting) this.current = null;
+      });
+    } else if (this.active && !this.checking && Date.now() - this.checkedAt >= (this.opts.refreshMs ?? DEFAULT_REFRESH_MS)) {
+      this.checking = this.refresh().finally(() => {
+        this.checkedAt = Date.now();
+        this.checking = null;
       });
     }
     return this.current;
   }
 
+  /** The look for a newer model that model() started, if one is under way (for tests and shutdown). */
+  async settled(): Promise<void> {
+    await this.checking;
+  }
+
+  private async refresh(): Promise<void> {
+    const old = this.active!;
+    // A database hiccup, or a newest run without a usable model: keep serving what we have.
+    const info = await resolveServedModel(this.opts.db, { fromRun: this.opts.fromRun }).catch(() => null);
+    if (!info || this.closed || this.active !== old) return;
+    if (sameCheckpoint(info, old.info)) {
+      // Same weights; the run's figures (its evaluation, say) may still have changed.
+      if (JSON.stringify(info) !== JSON.stringify(old.info)) this.swap({ info, pool: old.pool });
+      return;
+    }
+    const pool = await this.startPool(info).catch(() => null);
+    if (!pool) return;
+    if (this.closed || this.active !== old) {
+      await pool.close();
+      return;
+    }
+    this.swap({ info, pool });
+    if (old.pool !== pool) {
+      this.retiring.add(old.pool);
+      void old.pool.drain().finally(() => this.retiring.delete(old.pool));
+    }
+  }
+
+  private swap(next: ServingModel): void {
+    this.active = next;
+    this.current = Promise.resolve(next);
+  }
+
   async close(): Promise<void> {
+    this.closed = true;
     const c = this.current;
     this.current = null;
-    await c?.then((m) => m.pool.close(), () => undefined);
+    this.active = null;
+    await this.checking;
+    await Promise.all([c?.then((m) => m.pool.close(), () => undefined), ...[...this.retiring].map((p) => p.close())]);
   }
 }

@@ -204,6 +204,7 @@ async function wasmDevice(threads: number | undefined): Promise<string> {
   return `CPU wasm ${simd ? 'SIMD' : 'no SIMD'}, ${n} thread${n === 1 ? '' : 's'}`;
 }
 
+export { setSimdThreadGate } from './simd-threads.js';
 export {
   registerWasmTrainingKernels,
   setSimdKernels,

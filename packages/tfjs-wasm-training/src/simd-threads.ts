@@ -208,10 +208,26 @@ class Pool implements SimdPool {
 }
 
 let pool: Pool | null = null;
+let gate: (() => boolean) | null = null;
 
 /** The running pool, or null (single-threaded). */
 export function simdPool(): SimdPool | null {
   return pool;
+}
+
+/**
+ * A check the kernels make before each job they would split over the pool: false runs that job on the calling
+ * thread alone. For a process whose threads each own a pool (a server's inference threads, one request each), so
+ * that a thread splits its work only while the others are idle instead of every thread oversubscribing the
+ * cores. null (the default) always splits.
+ */
+export function setSimdThreadGate(check: (() => boolean) | null): void {
+  gate = check;
+}
+
+/** The gate's answer (true without a gate). */
+export function simdThreadsAllowed(): boolean {
+  return gate === null || gate();
 }
 
 /**

@@ -38,7 +38,7 @@ import {
 import type { GradConfig, KernelConfig, KernelFunc, NamedAttrMap, Tensor, TensorInfo } from '@tensorflow/tfjs';
 import type { BackendWasm } from '@tensorflow/tfjs-backend-wasm';
 import { simdKernelsFor, type SimdKernels } from './simd-kernels.js';
-import { SimdPoolBrokenError, simdPool, type SimdPool } from './simd-threads.js';
+import { SimdPoolBrokenError, simdPool, simdThreadsAllowed, type SimdPool } from './simd-threads.js';
 
 const BACKEND = 'wasm';
 /** Marks our kernel functions (survives a second copy of this module, e.g. under a test runner). */
@@ -198,7 +198,7 @@ let threadMinFlops = 20e6;
 /** The thread pool, when it is running and `flops` of work is worth splitting. */
 function poolFor(flops: number): SimdPool | null {
   const p = simdPool();
-  return p && p.usable && p.threads > 1 && flops >= threadMinFlops ? p : null;
+  return p && p.usable && p.threads > 1 && flops >= threadMinFlops && simdThreadsAllowed() ? p : null;
 }
 
 /** Runs a threaded variant; null (run single-threaded instead) when the pool broke down meanwhile. */
