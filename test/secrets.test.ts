@@ -143,8 +143,8 @@ describe('secrets stay out of job data, logs, Bull Board and the database', () =
       const type = await redis.type(k);
       const v =
         type === 'hash' ? await redis.hgetall(k)
-        : type === 'list' ? await redis.lrange(k, 0, -1)
-        : type === 'zset' ? await redis.zrange(k, 0, -1)
+        : type === 'list' ? await redis.lrange(k, '0', '-1')
+        : type === 'zset' ? await redis.zrange(k, '0', '-1')
         : type === 'set' ? await redis.smembers(k)
         : type === 'stream' ? await redis.xrange(k, '-', '+')
         : type === 'string' ? await redis.get(k)

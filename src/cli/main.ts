@@ -7,14 +7,16 @@ import { openDb } from '../db/client.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { DEFAULT_WORKER_QUEUES, MODEL_QUEUES, QUEUE_NAMES, type QueueName } from '../queues/names.ts';
 import { buildResults } from '../runs/results.ts';
-import { cancelRun, createRun, retryStep } from '../runs/service.ts';
+import { cancelRun, createRun, enqueueOrphanedRuns, retryStep } from '../runs/service.ts';
 import { getEvaluation } from '../runs/reports.ts';
 import { EVAL_STEPS } from '../runs/modes.ts';
 import type { RunRow } from '../db/schema.ts';
 import { commandLineOverrides } from '../config/overrides.ts';
 import { formatEvaluation, formatPhases } from './evaluation-table.ts';
 import { DemoService } from '../serving/demo-service.ts';
-import { getRunRow } from '../runs/store.ts';
+import { closeOpenSteps, finishRun, getRunRow } from '../runs/store.ts';
+import { startRunWatchdog, type RunWatchdog } from '../runs/watchdog.ts';
+import { redisHealth, within } from '../queues/connection.ts';
 import { startWorkers, type WorkerHost } from '../workers/host.ts';
 import { followRun, painter } from './follow.ts';
 import { openRuntime, type Runtime } from './runtime.ts';
@@ -22,6 +24,9 @@ import { PIPELINE_MODES } from '../runs/input.ts';
 import { TRAINING_MODES } from '../config/schema.ts';
 import { env } from '../env.ts';
 import { pgliteDir } from '../disk/layout.ts';
+import { allowOperatorSources } from '../download/policy.ts';
+import { isLoopback, TokenStore } from '../api/auth.ts';
+import { tokenCommand } from './tokens.ts';
 
 const paint = painter(process.stderr);
 const say = (line: string) => process.stderr.write(line + '\n');
@@ -41,21 +46,52 @@ function queueList(v: string): QueueName[] {
   return qs as QueueName[];
 }
 
-/** Stop on the first signal after finishing what is active; on the second, at once (graphile-worker's manner). */
-function onSignals(describe: () => string, graceful: () => Promise<void>, force: () => Promise<void>) {
+/** How long a forced stop may take before the process exits regardless. */
+const FORCE_EXIT_MS = 5000;
+
+/**
+ * Stop on the first signal after finishing what is active; on the second, at once (graphile-worker's manner).
+ * `force` returns what to tell the operator (which jobs it handed back). A dead Redis answers nothing, so a timer
+ * has the last word on the forced path: the process is gone within FORCE_EXIT_MS whatever `force` waits on. A
+ * third signal exits on the spot.
+ */
+function onSignals(describe: () => { doing: string; jobs?: string[] }, graceful: () => Promise<string | void>, force: () => Promise<string | void>) {
   let count = 0;
   for (const sig of ['SIGINT', 'SIGTERM'] as const) {
     process.on(sig, () => {
       count++;
       if (count === 1) {
-        say(paint('yellow', `Received ${sig}; ${describe()}, send again to force`));
-        graceful().then(() => process.exit(0), () => process.exit(1));
+        const { doing, jobs } = describe();
+        say(paint('yellow', `Received ${sig}; ${doing}, send again to force${jobs?.length ? `: ${jobs.join('; ')}` : ''}`));
+        graceful().then(
+          (said) => {
+            if (said) say(paint('green', said));
+            process.exit(0);
+          },
+          (err: Error) => {
+            say(paint('red', `Could not stop cleanly: ${err.message}`));
+            process.exit(1);
+          },
+        );
+      } else if (count === 2) {
+        say(paint('red', `Received ${sig} again; forcing, exiting within ${FORCE_EXIT_MS / 1000} s`));
+        setTimeout(() => {
+          say(paint('red', `Forced stop did not finish in ${FORCE_EXIT_MS / 1000} s; exiting anyway`));
+          process.exit(130);
+        }, FORCE_EXIT_MS);
+        force()
+          .then((said) => said && say(paint('red', said)), (err: Error) => say(paint('red', `Forced stop: ${err.message}`)))
+          .finally(() => process.exit(130));
       } else {
-        say(paint('red', `Received ${sig} again; stopping now`));
-        force().finally(() => process.exit(130));
+        process.exit(130);
       }
     });
   }
+}
+
+/** What a stopped worker host did with its jobs, for the operator: `Handed back 2 job(s): preprocess_patient (run ..., patient ...); ...`. */
+function jobsDone(verb: 'Finished' | 'Handed back', jobs: string[]): string {
+  return jobs.length ? `${verb} ${jobs.length} job(s): ${jobs.join('; ')}` : 'No jobs were active';
 }
 
 async function listen(app: ReturnType<typeof createApp>, port: number, host: string): Promise<{ url: string; close(): Promise<void> }> {
@@ -85,31 +121,74 @@ async function runToEnd(
 ): Promise<never> {
   const rt = await openRuntime({ dataDir, say, logLevel: env().logLevel ?? 'warn' });
   let host: WorkerHost | undefined;
+  let watchdog: RunWatchdog | undefined;
   let api: { url: string; close(): Promise<void> } | undefined;
   let runId: string | undefined;
   const shutdown = async (force = false) => {
-    await host?.close(force);
-    await api?.close();
-    await rt.close();
+    watchdog?.stop();
+    const jobs = (await host?.close(force)) ?? [];
+    await (force ? within(500, api?.close() ?? Promise.resolve()) : api?.close());
+    await rt.close(force);
+    return jobs;
   };
+  // This process owns the run, so when Redis is gone for good (unreachable past the deadline, or the private
+  // redis-server's supervisor gave up) the run gets that verdict here, in the database that is still there.
+  const health = redisHealth(rt.ctx.redisUrl);
+  const deadlineS = Math.round(health.deadlineMs / 1000);
+  health.configure({
+    report: (level, line) => say(paint(level === 'info' ? 'green' : 'yellow', line)),
+    consequence: `the run fails after ${deadlineS} s, SLICEWISE_REDIS_DEADLINE_MS`,
+  });
+  // Set once the run is being abandoned: that path gives the verdict and exits, and the normal ending waits for it.
+  let ending: Promise<never> | undefined;
+  const abandon = (reason: string) => (ending ??= giveUp(reason));
+  const giveUp = async (reason: string): Promise<never> => {
+    try {
+      if (runId) {
+        // A run already settled (cancelled by a first signal, say) keeps its verdict; the reason is still said.
+        const settled = await finishRun(rt.ctx.db, runId, 'failed', { message: reason, details: { reason: 'redis_unreachable' } });
+        if (settled) await closeOpenSteps(rt.ctx.db, runId, 'skipped');
+        const row = (await getRunRow(rt.ctx.db, runId))!;
+        await writeFile('pipeline_results.json', JSON.stringify(await buildResults(rt.ctx.db, row), null, 2) + '\n');
+        say(paint('red', settled ? `Run ${runId} failed: ${reason}; wrote pipeline_results.json` : `Run ${runId} ${row.status}; stopping: ${reason}`));
+      } else say(paint('red', `Error: ${reason}`));
+    } catch (err) {
+      say(paint('red', `Error: ${reason}; and the run could not be marked failed: ${(err as Error).message}`));
+    }
+    await within(3000, shutdown(true));
+    // The verdict is given: what the jobs still running here say as the process ends is not news.
+    rt.ctx.logger.level = 'silent';
+    process.exit(1);
+  };
+  health.on('deadline', () => void abandon(`Redis at ${health.where} unreachable for more than ${deadlineS} s (SLICEWISE_REDIS_DEADLINE_MS): the run's queues live there, so it cannot go on`));
+  rt.onFatal((err) => void abandon(err.message));
   onSignals(
-    () => (runId ? `cancelling run ${runId} and finishing ${host?.activeCount() ?? 0} active job(s)` : 'shutting down'),
+    () => {
+      const jobs = host?.describeActive() ?? [];
+      return { doing: runId ? `cancelling run ${runId} and stopping its ${jobs.length} active job(s)` : 'shutting down', jobs };
+    },
     async () => {
-      if (runId) await cancelRun(rt.ctx, runId).catch(() => {});
+      if (runId) {
+        // The database part is immediate; telling the other workers goes through Redis, which may be gone.
+        await within(5000, cancelRun(rt.ctx, runId));
+        host?.abortRun(runId, `run ${runId} cancelled`);
+      }
       await shutdown(false);
     },
-    () => shutdown(true),
+    async () => jobsDone('Handed back', await shutdown(true)),
   );
   try {
     // The model queues run here too when the run trains or evaluates.
     if (workers) host = await startWorkers(rt.ctx, { queues: model ? [...DEFAULT_WORKER_QUEUES, ...MODEL_QUEUES] : DEFAULT_WORKER_QUEUES });
+    else watchdog = startRunWatchdog(rt.ctx);
     if (rt.embedded) {
       api = await listen(createApp(rt.ctx), port, '127.0.0.1');
-      say(paint('blue', `API ${api.url}  ·  Bull Board ${api.url}/admin/queues  ·  run page ${api.url}/ui`));
+      say(paint('blue', `API ${api.url}  ·  Bull Board ${api.url}/admin/queues  ·  run page ${api.url}/ui  ·  open (no tokens): loopback only`));
     }
     const run = await start(rt);
     runId = run.id;
     const final = await followRun(rt.ctx, run.id);
+    if (ending) await ending;
     const results = await buildResults(rt.ctx.db, (await getRunRow(rt.ctx.db, run.id))!);
     const reports = await getEvaluation(rt.ctx, run.id);
     if (reports.multitask) process.stdout.write(`\n${formatEvaluation(reports.multitask)}\n`);
@@ -117,11 +196,15 @@ async function runToEnd(
     await writeFile('pipeline_results.json', JSON.stringify(results, null, 2) + '\n');
     if (final.status === 'succeeded') say(paint('green', `Run ${run.id} succeeded in ${results.total_duration_seconds?.toFixed(1)} s; wrote pipeline_results.json`));
     else say(paint('red', `Run ${run.id} ${final.status}${final.error ? `: ${final.error}` : ''}; wrote pipeline_results.json`));
+    // A run with its verdict needs nothing more: jobs of it still running here (a verdict from the run watchdog, or
+    // a failure elsewhere) stop now instead of holding the exit until they finish.
+    if (final.status !== 'succeeded') host?.abortRun(run.id, `run ${run.id} ${final.status}`);
     await shutdown();
     // Exit explicitly: a stray timer in a dependency must not keep a finished pipeline hanging.
     process.exit(final.status === 'succeeded' ? 0 : 1);
   } catch (err) {
-    await shutdown(true);
+    if (ending) await ending;
+    await within(3000, shutdown(true));
     throw err;
   }
 }
@@ -148,17 +231,17 @@ async function serveDemo({ dataDir, port, fromRun, maxUploadMb }: { dataDir: str
   const api = await listen(createApp(rt.ctx, { demo }), port, '127.0.0.1');
   const m = model.info;
   say(paint('green', `Serving run ${m.run_id}'s final model (${m.preset ?? 'custom'} preset, ${m.image_size} px, weights sha256 ${m.checkpoint.sha256.slice(0, 12)}) on ${model.pool.size} thread(s)`));
-  say(paint('green', `Demo page ${api.url}/ui/demo  ·  POST ${api.url}/predict_multitask  ·  ${api.url}/model/info`));
+  say(paint('green', `Demo page ${api.url}/ui/demo  ·  POST ${api.url}/predict_multitask  ·  ${api.url}/model/info  ·  open (no tokens): loopback only`));
   onSignals(
-    () => 'stopping the demo server',
+    () => ({ doing: 'stopping the demo server' }),
     async () => {
       await api.close();
       await demo.close();
       await rt.close();
     },
     async () => {
-      await demo.close();
-      await rt.close();
+      await within(500, demo.close());
+      await rt.close(true);
     },
   );
 }
@@ -190,6 +273,8 @@ program
     const flags: Record<string, unknown> = { ...(o.seed !== undefined ? { seed: o.seed } : {}), ...(Object.keys(data).length ? { data } : {}) };
     // Validated before anything starts: a bad key is an error naming its flag, not a failed run.
     const overrides = commandLineOverrides({ configFile: o.config, flags, sets: o.set });
+    // This command line's user is the operator: the folders it names may be read, wherever they are.
+    allowOperatorSources([o.bratsSource, o.kaggleSource]);
     await runToEnd({ dataDir: o.dataDir, port: o.port, workers: o.workers, model: o.mode !== 'data-only' }, async (rt) => {
       const { run } = await createRun(rt.ctx, {
         mode: o.mode,
@@ -264,29 +349,51 @@ program
   .option('--data-dir <dir>', 'default data dir for runs', env().dataDir ?? 'data')
   .option('--with-workers', 'also consume the queues in this process', false)
   .option('--max-upload <mb>', 'largest upload the demo takes, in MB (default 64)', int('--max-upload', 1))
+  .option('--tokens-file <file>', 'bearer tokens (`slicewise token create`); needed unless --host is loopback', env().tokensFile)
   .action(async (o) => {
+    // Before anything starts: an API without tokens on a reachable interface would be open to the network.
+    const auth = o.tokensFile || env().tokens ? await TokenStore.open({ file: o.tokensFile, inline: env().tokens }) : undefined;
+    if (!auth && !isLoopback(o.host)) {
+      throw new SliceWiseError(
+        `refusing to serve the API on ${o.host} without tokens: anyone who reaches it could start, cancel and read runs. Create one with \`slicewise token create --name admin --role admin --file /etc/slicewise/tokens\` and start with SLICEWISE_TOKENS_FILE=/etc/slicewise/tokens (or --tokens-file), or bind --host 127.0.0.1`,
+        { status: 400, code: 'needs_tokens' },
+      );
+    }
     const rt = await openRuntime({ dataDir: o.dataDir, say });
+    // A run recorded by an API that died before queueing its jobs would otherwise wait forever.
+    const orphans = await enqueueOrphanedRuns(rt.ctx);
+    if (orphans.length) say(paint('yellow', `Queued ${orphans.length} run(s) an earlier API process recorded but never queued: ${orphans.join(', ')}`));
     if (rt.db.kind === 'pglite' && !o.withWorkers) {
       say(paint('yellow', 'Warning: embedded PGlite serves this process only; workers in other processes cannot record progress. Set DATABASE_URL or use --with-workers.'));
     }
     const host = o.withWorkers ? await startWorkers(rt.ctx) : undefined;
+    // Without workers here the API looks after the runs it queued itself (a worker host runs its own watchdog).
+    const watchdog = host ? undefined : startRunWatchdog(rt.ctx);
     // The demo's routes too: the model is found on the first request, so an API started before any training
     // serves it as soon as a run has made one.
     const demo = new DemoService({ db: rt.ctx.db, limits: demoLimits(o.maxUpload) });
-    const api = await listen(createApp(rt.ctx, { demo }), o.port, o.host);
+    const api = await listen(createApp(rt.ctx, { demo, auth }), o.port, o.host);
     say(paint('green', `API listening on ${api.url}  ·  run pages ${api.url}/ui  ·  demo ${api.url}/ui/demo  ·  Bull Board ${api.url}/admin/queues`));
+    say(auth ? paint('green', `Tokens: ${auth.describe()}; browsers sign in at ${api.url}/login`) : paint('yellow', 'no tokens configured (SLICEWISE_TOKENS_FILE); the API is open, which is allowed only on loopback'));
     onSignals(
-      () => `closing the API${host ? ` and finishing ${host.activeCount()} active job(s)` : ''}`,
-      async () => {
-        await api.close();
-        await demo.close();
-        await host?.close(false);
-        await rt.close();
+      () => {
+        const jobs = host?.describeActive();
+        return { doing: `closing the API${jobs ? ` and finishing ${jobs.length} job(s)` : ''}`, jobs };
       },
       async () => {
+        watchdog?.stop();
+        await api.close();
         await demo.close();
-        await host?.close(true);
+        const jobs = await host?.close(false);
         await rt.close();
+        return jobs ? jobsDone('Finished', jobs) : undefined;
+      },
+      async () => {
+        watchdog?.stop();
+        await within(500, demo.close());
+        const jobs = await host?.close(true);
+        await rt.close(true);
+        return jobs ? jobsDone('Handed back', jobs) : undefined;
       },
     );
   });
@@ -302,14 +409,19 @@ program
     const rt = await openRuntime({ dataDir: o.dataDir, needsSharedDb: true, say });
     const host = await startWorkers(rt.ctx, { queues: o.queues, concurrency: o.concurrency });
     onSignals(
-      () => `finishing ${host.activeCount()} active job(s)`,
-      async () => {
-        await host.close(false);
-        await rt.close();
+      () => {
+        const jobs = host.describeActive();
+        return { doing: `finishing ${jobs.length} job(s)`, jobs };
       },
       async () => {
-        await host.close(true);
+        const jobs = await host.close(false);
         await rt.close();
+        return jobsDone('Finished', jobs);
+      },
+      async () => {
+        const jobs = await host.close(true);
+        await rt.close(true);
+        return jobsDone('Handed back', jobs);
       },
     );
   });
@@ -343,11 +455,15 @@ program
 program
   .command('bench')
   .description('benchmarks: preprocessing vs. the gunzip floor, training steps, the demo vs. PyTorch; figures also go to bench/results/')
-  .option('--only <names>', 'comma-separated: preprocess, train-kernels, demo (default: all)')
+  .option('--only <names>', 'comma-separated: preprocess, train-kernels, demo, queue (default: all)')
   .action(async (o) => {
     const { runBenchmarks } = await import('../../bench/index.ts');
     await runBenchmarks({ only: o.only ? String(o.only).split(',').map((s) => s.trim()).filter(Boolean) : undefined });
+    // The figures are written; a bench's leftover worker threads or sockets must not keep the command alive.
+    process.exit(0);
   });
+
+program.addCommand(tokenCommand(say));
 
 program.parseAsync().catch((err: unknown) => {
   if (err instanceof SliceWiseError) {
