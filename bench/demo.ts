@@ -227,23 +227,25 @@ async function load(url: string, bytes: Uint8Array<ArrayBuffer>, name: string, c
   );
   const wall = (performance.now() - t0) / 1000;
   const c = process.cpuUsage(c0);
-  const cpuMs = (c.user + c.system) / 1000;
+  return { answers, result: summary(answers, { clients, gradcam, wall, cpuMs: (c.user + c.system) / 1000 }) };
+}
+
+/** The figures of a set of answers, measured over `wall` seconds that cost `cpuMs` of this process's CPU. */
+function summary(answers: Answer[], { clients, gradcam, wall, cpuMs }: { clients: number; gradcam: boolean; wall: number; cpuMs: number }): LoadResult {
   const ms = answers.map((a) => a.ms);
+  const requests = answers.length;
   return {
-    answers,
-    result: {
-      clients,
-      gradcam,
-      requests,
-      wall_s: round(wall, 2),
-      rps: round(requests / wall, 2),
-      p50_ms: round(percentile(ms, 0.5)),
-      p95_ms: round(percentile(ms, 0.95)),
-      server_p50_ms: round(percentile(answers.map((a) => a.server_ms), 0.5)),
-      cpu_ms_per_request: round(cpuMs / requests),
-      cores_busy: round(cpuMs / 1000 / wall, 2),
-      runs_ms: ms.map((x) => round(x)),
-    },
+    clients,
+    gradcam,
+    requests,
+    wall_s: round(wall, 2),
+    rps: round(requests / wall, 2),
+    p50_ms: round(percentile(ms, 0.5)),
+    p95_ms: round(percentile(ms, 0.95)),
+    server_p50_ms: round(percentile(answers.map((a) => a.server_ms), 0.5)),
+    cpu_ms_per_request: round(cpuMs / requests),
+    cores_busy: round(cpuMs / 1000 / wall, 2),
+    runs_ms: ms.map((x) => round(x)),
   };
 }
 
@@ -281,27 +283,10 @@ interface PresetResult {
 /** Several load() measurements as one: requests, wall and CPU time summed, percentiles over every request. */
 function merged(parts: { result: LoadResult; answers: Answer[] }[]): { result: LoadResult; answers: Answer[] } {
   const answers = parts.flatMap((p) => p.answers);
-  const ms = answers.map((a) => a.ms);
-  const requests = answers.length;
   const wall = parts.reduce((s, p) => s + p.result.wall_s, 0);
   const cpuMs = parts.reduce((s, p) => s + p.result.cpu_ms_per_request * p.result.requests, 0);
-  const first = parts[0]!.result;
-  return {
-    answers,
-    result: {
-      clients: first.clients,
-      gradcam: first.gradcam,
-      requests,
-      wall_s: round(wall, 2),
-      rps: round(requests / wall, 2),
-      p50_ms: round(percentile(ms, 0.5)),
-      p95_ms: round(percentile(ms, 0.95)),
-      server_p50_ms: round(percentile(answers.map((a) => a.server_ms), 0.5)),
-      cpu_ms_per_request: round(cpuMs / requests),
-      cores_busy: round(cpuMs / 1000 / wall, 2),
-      runs_ms: ms.map((x) => round(x)),
-    },
-  };
+  const { clients, gradcam } = parts[0]!.result;
+  return { answers, result: summary(answers, { clients, gradcam, wall, cpuMs }) };
 }
 
 interface LatencyRound {

@@ -26,7 +26,7 @@ import pg from 'pg';
 import { printTable, writeResult } from 'tfjs-wasm-training/bench/table';
 import { startPrivateRedis, type PrivateRedis } from '../src/cli/redis-server.ts';
 import { createContext, type AppContext } from '../src/context.ts';
-import { openDb, type DbHandle } from '../src/db/client.ts';
+import type { DbHandle } from '../src/db/client.ts';
 import { env } from '../src/env.ts';
 import { createLogger } from '../src/lib/logger.ts';
 import { redactPassword } from '../src/lib/redact.ts';
@@ -36,6 +36,7 @@ import { createRun } from '../src/runs/service.ts';
 import { getRunRow } from '../src/runs/store.ts';
 import { synthesize } from '../src/synth/index.ts';
 import { startWorkers } from '../src/workers/host.ts';
+import { freshDb, type DbKind } from '../test/helpers/db.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = resolve(here, '../bin/slicewise.mjs');
@@ -44,7 +45,6 @@ const TINY: [number, number, number] = [32, 32, 8];
 const CPU_BOUND: [number, number, number] = [160, 160, 64];
 const CPU_BOUND_PATIENTS = 40;
 
-type DbKind = 'pglite' | 'postgres';
 
 export interface FlowFigure {
   db: DbKind;
@@ -130,27 +130,8 @@ async function bareBullmq(redisUrl: string, n: number, concurrency: number): Pro
 }
 
 /** A database for one measurement: a throwaway PGlite, or a new database on the Postgres server. */
-async function benchDb(kind: DbKind, serverUrl: string | undefined): Promise<DbHandle & { url?: string }> {
-  if (kind === 'pglite') return openDb({ url: '', pgliteDir: 'memory://' });
-  const name = `slicewise_bench_${randomBytes(4).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: serverUrl });
-  await admin.connect();
-  await admin.query(`create database ${name}`);
-  await admin.end();
-  const url = new URL(serverUrl!);
-  url.pathname = `/${name}`;
-  const h = await openDb({ url: url.toString() });
-  return {
-    ...h,
-    url: url.toString(),
-    async close() {
-      await h.close();
-      const a = new pg.Client({ connectionString: serverUrl });
-      await a.connect();
-      await a.query(`drop database if exists ${name} with (force)`);
-      await a.end();
-    },
-  };
+function benchDb(kind: DbKind, serverUrl: string | undefined): Promise<DbHandle & { url?: string }> {
+  return freshDb(kind, { serverUrl, namePrefix: 'slicewise_bench' });
 }
 
 async function clearPrefix(ctx: AppContext): Promise<void> {

@@ -46,7 +46,8 @@ export function installRedisIfPossible(say: (line: string) => void): boolean {
   return r.status === 0 && onPath('redis-server');
 }
 
-async function freePort(): Promise<number> {
+/** A TCP port nobody listens on right now (loopback). */
+export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = createServer();
     srv.once('error', reject);

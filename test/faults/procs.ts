@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach } from 'vitest';
 import { BIN } from '../helpers/cli.ts';
+import { freePort } from '../../src/cli/redis-server.ts';
 import { harness, TEST_REDIS_URL, type Harness } from '../helpers/services.ts';
 
 export interface Proc {
@@ -138,16 +139,7 @@ export async function startApiProcess({
   return { ...p, url: `http://127.0.0.1:${port}` };
 }
 
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as { port: number };
-      srv.close(() => resolve(port));
-    });
-  });
-}
+export { freePort };
 
 export interface TestRedis {
   url: string;

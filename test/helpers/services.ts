@@ -2,11 +2,11 @@ import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import pg from 'pg';
 import { afterAll, beforeAll } from 'vitest';
 import { createApp } from '../../src/api/app.ts';
 import { createContext, type AppContext } from '../../src/context.ts';
-import { openDb, type DbHandle } from '../../src/db/client.ts';
+import type { DbHandle } from '../../src/db/client.ts';
+import { freshDb, type DbKind } from './db.ts';
 import { createLogger } from '../../src/lib/logger.ts';
 import { assertRedisReachable } from '../../src/queues/connection.ts';
 import { startWorkers, type WorkerHost, type WorkerHostOptions } from '../../src/workers/host.ts';
@@ -16,33 +16,9 @@ export const TEST_REDIS_URL = process.env.TEST_REDIS_URL ?? 'redis://127.0.0.1:6
 export const TEST_DATABASE_URL = process.env.TEST_DATABASE_URL ?? 'postgres://slicewise:slicewise@127.0.0.1:5432/slicewise_test';
 export const FIXTURES = resolve(process.env.SLICEWISE_FIXTURES ?? join(__dirname, '../../../shared/fixtures'));
 
-export type DbKind = 'pglite' | 'postgres';
+export type { DbKind } from './db.ts';
 
-/** A fresh database per harness: a throwaway PGlite, or a new database on the test Postgres server. */
-export async function freshDb(kind: DbKind): Promise<DbHandle & { url?: string }> {
-  if (kind === 'pglite') return openDb({ url: '', pgliteDir: 'memory://' });
-  const name = `slicewise_t_${randomBytes(4).toString('hex')}`;
-  const admin = new pg.Client({ connectionString: TEST_DATABASE_URL });
-  await admin.connect().catch((err) => {
-    throw new Error(`test Postgres at ${TEST_DATABASE_URL} is not reachable (${err.message}); run: eval "$(bash .ci/services.sh)"`);
-  });
-  await admin.query(`create database ${name}`);
-  await admin.end();
-  const url = new URL(TEST_DATABASE_URL);
-  url.pathname = `/${name}`;
-  const h = await openDb({ url: url.toString() });
-  return {
-    ...h,
-    url: url.toString(),
-    async close() {
-      await h.close();
-      const a = new pg.Client({ connectionString: TEST_DATABASE_URL });
-      await a.connect();
-      await a.query(`drop database if exists ${name} with (force)`);
-      await a.end();
-    },
-  };
-}
+export { freshDb };
 
 export interface Harness {
   ctx: AppContext;
