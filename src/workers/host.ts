@@ -146,8 +146,9 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
   const sub = createRedis(ctx.redisUrl);
   await sub.subscribe(`${ctx.prefix}:${CANCEL_CHANNEL}`);
   sub.on('message', (_ch: string, runId: string) => {
-    const n = abortRun(runId, `run ${runId} cancelled`);
-    if (n) log.info({ runId, jobs: n }, `Run ${runId} cancelled; aborting ${n} active job(s) here`);
+    // Published when a run is cancelled, or failed by one of its steps: either way its other jobs stop.
+    const n = abortRun(runId, `run ${runId} ended`);
+    if (n) log.info({ runId, jobs: n }, `Run ${runId} has ended (cancelled or failed); aborting its ${n} active job(s) here`);
   });
 
   await Promise.all(workers.map((w) => w.waitUntilReady()));

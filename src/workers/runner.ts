@@ -15,6 +15,7 @@ import { waitingOutDbOutages } from '../db/client.ts';
 import { countPatients, finishRun, getRunRow, markRunRunning, settlePatient, stepDoneAtLeast, stepFailed, stepProgress, stepStarted, stepSucceeded, upsertPatient } from '../runs/store.ts';
 import { RunJobData, type InProcessContext, type StepDefinition, type StepOutcome } from './define.ts';
 import { RunStoppedError, StepAbortedError } from './errors.ts';
+import { CANCEL_CHANNEL } from '../queues/names.ts';
 import type { StepThreadPool } from './step-threads.ts';
 
 /** Bad input (a 4xx SliceWiseError: a corrupt file, a missing folder) fails the same way on every attempt. */
@@ -165,6 +166,9 @@ async function failed(
   if (final) {
     if (await finishRun(db, runId, 'failed', { message: `${rowStep} failed: ${message}`, details: { step: rowStep, ...details } })) {
       logger.error({ runId, step: rowStep, jobId: job.id, err: message }, `Run ${runId} failed at ${rowStep}: ${message}`);
+      // The run has its verdict: the jobs of its other branches stop now, on whichever worker runs them (the same
+      // channel a cancel uses), instead of running on and keeping finalize waiting for them.
+      await ctx.redis.publish(`${ctx.prefix}:${CANCEL_CHANNEL}`, runId).catch(() => {});
     }
     if (isPermanent(err) && !(err instanceof UnrecoverableError)) throw new UnrecoverableError(message);
   } else {
