@@ -2,10 +2,10 @@
 import { existsSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { serve } from '@hono/node-server';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { chromium, type BrowserContext } from 'playwright-core';
+import { chromium, type BrowserContext, type Page } from 'playwright-core';
 
 export const CHROMIUM = process.env.CHROMIUM_PATH ?? '/usr/bin/chromium';
 
@@ -35,5 +35,39 @@ export async function serveOnLoopback(fetch: (req: Request) => Response | Promis
   return {
     base: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
     close: () => new Promise<void>((r) => server.close(() => r())),
+  };
+}
+
+/** The test output folder (screenshots), git-ignored. */
+export const OUT = join(__dirname, '..', '..', 'test-output');
+
+export interface Browsing {
+  base: string;
+  page: Page;
+  /** Uncaught errors of the page's scripts. */
+  pageErrors: string[];
+  close(): Promise<void>;
+}
+
+/** An app on loopback and one Chromium page to open it with; the screenshot folder is made ready. */
+export async function browse(fetch: (req: Request) => Response | Promise<Response>): Promise<Browsing> {
+  const server = await serveOnLoopback(fetch);
+  const browser = await launchChromium().catch(async (err) => {
+    await server.close();
+    throw err;
+  });
+  const page = await browser.context.newPage();
+  const pageErrors: string[] = [];
+  page.on('pageerror', (e) => pageErrors.push(e.message));
+  await mkdir(OUT, { recursive: true });
+  await writeFile(join(OUT, '.gitignore'), '*\n');
+  return {
+    base: server.base,
+    page,
+    pageErrors,
+    async close() {
+      await browser.close();
+      await server.close();
+    },
   };
 }

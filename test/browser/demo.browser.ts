@@ -4,7 +4,7 @@
  * gives for the same file, and its mask overlay and Grad-CAM load; the real BraTS volume uploaded shows the tumour
  * volume the API gives, and the slider changes the slice shown. Screenshots go to test-output/.
  */
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
@@ -12,20 +12,18 @@ import { createApp } from '../../src/api/app.ts';
 import { DemoService } from '../../src/serving/demo-service.ts';
 import { FIXTURES, type Harness } from '../helpers/services.ts';
 import { attachHarness } from '../helpers/trained-run.ts';
-import { launchChromium, serveOnLoopback } from './chromium.ts';
+import { browse, OUT, type Browsing } from './chromium.ts';
 
-const OUT = join(__dirname, '..', '..', 'test-output');
 const KAGGLE = join(FIXTURES, 'kaggle-navoneel');
 const VOLUME = join(FIXTURES, 'brats2015-deepmedic', 'pat0001', 'Flair_subtrMeanDivStd.nii.gz');
 
 describe('the demo page', () => {
   let h: Harness & { runId: string };
   let demo: DemoService;
-  let server: Awaited<ReturnType<typeof serveOnLoopback>> | undefined;
+  let browsing: Browsing | undefined;
   let base: string;
-  let browser: Awaited<ReturnType<typeof launchChromium>>;
   let page: Page;
-  const pageErrors: string[] = [];
+  let pageErrors: string[];
 
   /** What the API answers for a file, asked the way the page asks (multipart, the page's default parameters). */
   async function apiAnswer(path: string, file: string, field: string) {
@@ -41,18 +39,12 @@ describe('the demo page', () => {
     demo = new DemoService({ db: h.ctx.db });
     const app = createApp(h.ctx, { demo });
     await demo.model();
-    server = await serveOnLoopback(app.fetch);
-    base = server.base;
-    browser = await launchChromium();
-    page = await browser.context.newPage();
-    page.on('pageerror', (e) => pageErrors.push(e.message));
-    await mkdir(OUT, { recursive: true });
-    await writeFile(join(OUT, '.gitignore'), '*\n');
+    browsing = await browse(app.fetch);
+    ({ base, page, pageErrors } = browsing);
   });
 
   afterAll(async () => {
-    await browser?.close();
-    await server?.close();
+    await browsing?.close();
     await demo?.close();
     await h?.close();
   });

@@ -3,7 +3,6 @@
  * the evaluation table shows what the database holds, every training curve has one point per recorded epoch, the
  * Grad-CAM images load. Screenshots go to test-output/.
  */
-import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { and, eq } from 'drizzle-orm';
 import type { Page } from 'playwright-core';
@@ -11,9 +10,8 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { artifacts, evaluations, metrics } from '../../src/db/schema.ts';
 import type { Harness } from '../helpers/services.ts';
 import { attachHarness } from '../helpers/trained-run.ts';
-import { launchChromium, serveOnLoopback } from './chromium.ts';
+import { browse, OUT, type Browsing } from './chromium.ts';
 
-const OUT = join(__dirname, '..', '..', 'test-output');
 const EPOCHS = inject('sharedRun').epochs;
 const TRAIN_STEPS = ['train_stage1_seg_warmup', 'train_stage2_cls_head', 'train_stage3_joint'];
 
@@ -29,29 +27,22 @@ function at(obj: unknown, path: string): unknown {
 
 describe('the run page of a finished full run', () => {
   let h: Harness;
-  let server: Awaited<ReturnType<typeof serveOnLoopback>> | undefined;
+  let browsing: Browsing | undefined;
   let base: string;
-  let browser: Awaited<ReturnType<typeof launchChromium>>;
   let page: Page;
   let runId: string;
-  const pageErrors: string[] = [];
+  let pageErrors: string[];
 
   beforeAll(async () => {
     h = await attachHarness(inject('sharedRun'));
     runId = inject('sharedRun').runId;
 
-    server = await serveOnLoopback(h.app.fetch);
-    base = server.base;
-    browser = await launchChromium();
-    page = await browser.context.newPage();
-    page.on('pageerror', (e) => pageErrors.push(e.message));
-    await mkdir(OUT, { recursive: true });
-    await writeFile(join(OUT, '.gitignore'), '*\n');
+    browsing = await browse(h.app.fetch);
+    ({ base, page, pageErrors } = browsing);
   });
 
   afterAll(async () => {
-    await browser?.close();
-    await server?.close();
+    await browsing?.close();
     await h?.close();
   });
 
