@@ -145,10 +145,11 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
   };
   const sub = createRedis(ctx.redisUrl);
   await sub.subscribe(`${ctx.prefix}:${CANCEL_CHANNEL}`);
-  sub.on('message', (_ch: string, runId: string) => {
-    // Published when a run is cancelled, or failed by one of its steps: either way its other jobs stop.
-    const n = abortRun(runId, `run ${runId} ended`);
-    if (n) log.info({ runId, jobs: n }, `Run ${runId} has ended (cancelled or failed); aborting its ${n} active job(s) here`);
+  sub.on('message', (_ch: string, message: string) => {
+    // `<runId>` when a run is cancelled, `<runId> failed` when one of its steps failed it: its other jobs stop.
+    const [runId = '', how = 'cancelled'] = message.split(' ');
+    const n = abortRun(runId, `run ${runId} ${how}`);
+    if (n) log.info({ runId, jobs: n }, `Run ${runId} ${how}; aborting ${n} active job(s) here`);
   });
 
   await Promise.all(workers.map((w) => w.waitUntilReady()));

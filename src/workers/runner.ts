@@ -168,7 +168,7 @@ async function failed(
       logger.error({ runId, step: rowStep, jobId: job.id, err: message }, `Run ${runId} failed at ${rowStep}: ${message}`);
       // The run has its verdict: the jobs of its other branches stop now, on whichever worker runs them (the same
       // channel a cancel uses), instead of running on and keeping finalize waiting for them.
-      await ctx.redis.publish(`${ctx.prefix}:${CANCEL_CHANNEL}`, runId).catch(() => {});
+      await ctx.redis.publish(`${ctx.prefix}:${CANCEL_CHANNEL}`, `${runId} failed`).catch(() => {});
     }
     if (isPermanent(err) && !(err instanceof UnrecoverableError)) throw new UnrecoverableError(message);
   } else {
