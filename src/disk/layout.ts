@@ -16,7 +16,7 @@
  */
 import { join } from 'node:path';
 import { z } from 'zod';
-import { writeJsonAtomic } from '../lib/atomic.ts';
+import { writeJsonAtomic, writeNewFile } from '../lib/atomic.ts';
 import { readDataFile } from '../lib/data-file.ts';
 import { DataFileError } from '../lib/errors.ts';
 import type { SplitName } from '../splits/index.ts';
@@ -188,9 +188,12 @@ const PatientMetaSchema = z
   .refine((m) => m.slices.length === m.num_slices, { message: 'num_slices does not match the slices listed', path: ['num_slices'] });
 export type PatientMeta = z.infer<typeof PatientMetaSchema>;
 
-/** Written last, after the arrays it describes: a reader that finds meta.json finds complete arrays. */
-export function writePatientMeta(paths: PatientFilePaths, meta: PatientMeta): Promise<void> {
-  return writeJsonAtomic(paths.meta, meta);
+/**
+ * Written last, after the arrays it describes: a reader that finds meta.json finds complete arrays.
+ * `intoFreshFolder`: `paths` are in a folder replaceDirAtomic is filling (see writeNewFile).
+ */
+export function writePatientMeta(paths: PatientFilePaths, meta: PatientMeta, { intoFreshFolder = false }: { intoFreshFolder?: boolean } = {}): Promise<void> {
+  return intoFreshFolder ? writeNewFile(paths.meta, JSON.stringify(meta, null, 2) + '\n') : writeJsonAtomic(paths.meta, meta);
 }
 
 export function readPatientMeta(paths: PatientFilePaths): Promise<PatientMeta> {

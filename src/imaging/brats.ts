@@ -32,7 +32,7 @@
 import { readdir } from 'node:fs/promises';
 import { basename, join } from 'node:path';
 import { patientFiles, writePatientMeta, type PatientFilePaths, type PatientMeta, type SliceInfo, type SliceOrientation } from '../disk/layout.ts';
-import { removeDirAtomic, replaceDirAtomic, writeFileAtomic } from '../lib/atomic.js';
+import { removeDirAtomic, replaceDirAtomic, writeNewFile } from '../lib/atomic.js';
 import { DataFileError, PatientDataError, SliceWiseError } from '../lib/errors.js';
 import type { PatientFiles } from './layout.js';
 import { readNiftiRaw, type RawNiftiVolume } from './nifti.js';
@@ -873,13 +873,13 @@ async function preprocessInto(patient: PatientFiles, paths: PatientFilePaths, sa
 
   const masks = allocNpy('uint8', [n, size, size]);
   sliceMasks(seg, selection, masks.data);
-  const maskWrite = writeFileAtomic(paths.masks, masks.file);
+  const maskWrite = writeNewFile(paths.masks, masks.file);
   maskWrite.catch(() => undefined); // awaited below
   try {
     return await imagesAndMeta();
   } catch (err) {
     // Let the masks' write settle first: the caller deletes the temporary folder on failure, and a write still in
-    // flight would create it again (writeFileAtomic makes its folder) and leave it behind.
+    // flight would leave a file in a folder being removed.
     await maskWrite.catch(() => undefined);
     throw err;
   }
@@ -902,7 +902,7 @@ async function preprocessInto(patient: PatientFiles, paths: PatientFilePaths, sa
       throw err;
     }
     // Both settled before a failure is thrown, for the same reason as above.
-    const failed = (await Promise.allSettled([writeFileAtomic(paths.images, out.file), maskWrite])).find((r) => r.status === 'rejected');
+    const failed = (await Promise.allSettled([writeNewFile(paths.images, out.file), maskWrite])).find((r) => r.status === 'rejected');
     if (failed) throw failed.reason;
 
     const source_files: Record<string, string> = {};
@@ -919,7 +919,7 @@ async function preprocessInto(patient: PatientFiles, paths: PatientFilePaths, sa
       orientation: sliceOrientation(images[0]),
       slices: selection.slices,
     };
-    await writePatientMeta(paths, meta);
+    await writePatientMeta(paths, meta, { intoFreshFolder: true });
     return meta;
   }
 }

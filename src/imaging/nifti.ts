@@ -6,6 +6,7 @@
  * converts element types natively, instead of per-voxel DataView calls.
  */
 import buffer from 'node:buffer';
+import { readFileSync, statSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { constants as zlibConstants, gunzip, gunzipSync } from 'node:zlib';
 import { promisify } from 'node:util';
@@ -105,9 +106,17 @@ function headerCopy(buf: Buffer, n: number): ArrayBuffer {
   return out;
 }
 
+/**
+ * Below this size a file is read, and inflated, in place: for a small volume the hand-offs to libuv's thread pool
+ * (open, stat, read, close, inflate: one each) cost more than the work.
+ */
+const SMALL_FILE = 256 * 1024;
+
 async function readRaw(file: string): Promise<Buffer> {
   try {
-    return await readFile(file);
+    // Only a regular file: a pipe or a device may block, and it must not block the thread.
+    const st = statSync(file);
+    return st.isFile() && st.size < SMALL_FILE ? readFileSync(file) : await readFile(file);
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     const cause = { cause: err };
@@ -207,7 +216,8 @@ async function inflateAndDecode(raw: Buffer, file: string): Promise<RawNiftiVolu
       throw new DataFileError(file, `its header declares ${Math.round(declared / 2 ** 20)} MiB of voxels, more than one volume can hold in memory`);
     }
     try {
-      raw = await gunzipAsync(raw, { chunkSize: gunzipChunkSize(raw), maxOutputLength: Math.min(buffer.constants.MAX_LENGTH, declared + INFLATE_SLACK) });
+      const opts = { chunkSize: gunzipChunkSize(raw), maxOutputLength: Math.min(buffer.constants.MAX_LENGTH, declared + INFLATE_SLACK) };
+      raw = raw.length < SMALL_FILE && declared < 16 * SMALL_FILE ? gunzipSync(raw, opts) : await gunzipAsync(raw, opts);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ERR_BUFFER_TOO_LARGE') {
         throw new DataFileError(file, `inflates to more than its header declares (${declared} bytes): not a NIfTI volume, or a decompression bomb`, { cause: err });

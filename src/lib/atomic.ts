@@ -1,3 +1,4 @@
+import { writeFileSync } from 'node:fs';
 import { mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { basename, dirname, join } from 'node:path';
@@ -25,12 +26,16 @@ function processAlive(pid: number): boolean {
   }
 }
 
-/** Removes the temporaries that dead writers on this host left in `parent` (of `parent/name` alone, when given). */
-async function sweepStale(parent: string, name?: string): Promise<void> {
+/**
+ * Removes the temporaries that dead writers on this host left in `parent`. For an owner of a folder of many outputs
+ * (a run's processed patients) once its writers are done: the writers themselves sweep a folder only the first time
+ * they write there, as listing a folder of thousands of patients for each of them made a run quadratic.
+ */
+export async function sweepDeadWriters(parent: string): Promise<void> {
   const entries = await readdir(parent).catch(() => [] as string[]);
   for (const e of entries) {
     const m = STALE.exec(e);
-    if (!m || m[1] !== HOST || (name !== undefined && (m.index !== name.length || !e.startsWith(name)))) continue;
+    if (!m || m[1] !== HOST) continue;
     const pid = Number(m[2]);
     if (pid !== process.pid && !processAlive(pid)) await rm(join(parent, e), { recursive: true, force: true }).catch(() => undefined);
   }
@@ -68,7 +73,7 @@ async function sweepOnce(dir: string): Promise<void> {
   if (swept.has(dir)) return;
   if (swept.size >= 10_000) swept.clear();
   swept.add(dir);
-  await sweepStale(dir);
+  await sweepDeadWriters(dir);
 }
 
 /**
@@ -92,6 +97,24 @@ export async function writeFileAtomic(path: string, data: string | Uint8Array | 
 /** Same contract for a JSON document (pretty-printed, trailing newline). */
 export function writeJsonAtomic(path: string, value: unknown): Promise<void> {
   return writeFileAtomic(path, JSON.stringify(value, null, 2) + '\n');
+}
+
+/** Below this size a file is written synchronously: one syscall costs less than a hand-off to libuv's thread pool. */
+const SMALL_WRITE = 1 << 20;
+
+/**
+ * Write a file inside a folder that replaceDirAtomic is filling: no reader looks there before the folder is renamed
+ * into place, so the file needs no temporary name of its own (for a tiny patient the extra mkdir, listing and
+ * rename per file were most of its cost). A failure names the file and removes what was written of it.
+ */
+export async function writeNewFile(path: string, data: string | Uint8Array): Promise<void> {
+  try {
+    if (data.length < SMALL_WRITE) writeFileSync(path, data);
+    else await writeFile(path, data);
+  } catch (err) {
+    await rm(path, { force: true }).catch(() => undefined);
+    throw new FileWriteError(path, err);
+  }
 }
 
 /** A sibling of `dir` for a temporary or discarded copy: hidden (dot), unique, on the same filesystem for rename. */
@@ -121,7 +144,7 @@ export async function replaceDirAtomic(dir: string, fill: (tmpDir: string) => Pr
   const tmp = siblingName(dir, 'tmp');
   try {
     await mkdir(tmp, { recursive: true });
-    await sweepStale(dirname(dir), `.${basename(dir)}`);
+    await sweepOnce(dirname(dir));
   } catch (err) {
     throw new FileWriteError(tmp, err);
   }
