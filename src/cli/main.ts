@@ -402,7 +402,7 @@ program
   .command('worker')
   .description('consume queues (start as many as you like, on any machine sharing Redis, Postgres and the data dir)')
   .option('--queues <list>', `comma-separated, of ${QUEUE_NAMES.join(', ')}`, queueList, DEFAULT_WORKER_QUEUES)
-  .option('--concurrency <n>', 'jobs at once per queue (default: CPU cores for preprocess, 2 otherwise)', int('--concurrency', 1))
+  .option('--concurrency <n>', 'jobs computing at once per queue (default: CPU cores for preprocess, which also fetches as many again ahead; 2 otherwise)', int('--concurrency', 1))
   .option('--data-dir <dir>', 'data dir (must be the same path the API gives runs)', env().dataDir ?? 'data')
   .action(async (o) => {
     if (!env().redisUrl) throw new SliceWiseError('slicewise worker joins a shared Redis: set REDIS_URL (a private Redis would have no jobs for it)', { status: 400, code: 'needs_redis_url' });

@@ -112,7 +112,11 @@ export async function upsertPatient(db: Db, row: PatientRowWrite): Promise<void>
 export async function upsertPatients(db: Db, rows: PatientRowWrite[]): Promise<void> {
   // One statement may not touch a row twice (ON CONFLICT would refuse it): the later write of a patient wins.
   const unique = [...new Map(rows.map((r) => [`${r.runId}\u0000${r.patientId}`, r])).values()];
-  if (unique.length === 0) return;
+  // 1,000 rows a statement: a run's 10,000 patients in one would pass Postgres's 65,535 parameters.
+  for (let i = 0; i < unique.length; i += 1000) await upsertPatientChunk(db, unique.slice(i, i + 1000));
+}
+
+async function upsertPatientChunk(db: Db, unique: PatientRowWrite[]): Promise<void> {
   const now = new Date();
   await db
     .insert(patients)
@@ -130,52 +134,6 @@ export async function upsertPatients(db: Db, rows: PatientRowWrite[]): Promise<v
         updatedAt: now,
       },
     });
-}
-
-/**
- * Group commit of finished patients' rows, one writer per database handle: a row is written at once when no
- * write is in flight, and rows that arrive while one is wait for the next, which takes them all in one statement.
- * So a shard's row is durable before its job is acknowledged (the caller awaits it), and under load N shards cost
- * one round trip instead of N, with no timer adding latency when the load is light.
- */
-class PatientRowWriter {
-  private queued: { row: PatientRowWrite; done(): void; fail(err: unknown): void }[] = [];
-  private flushing = false;
-
-  constructor(private readonly db: Db) {}
-
-  write(row: PatientRowWrite): Promise<void> {
-    return new Promise((done, fail) => {
-      this.queued.push({ row, done, fail });
-      if (!this.flushing) void this.flush();
-    });
-  }
-
-  private async flush(): Promise<void> {
-    this.flushing = true;
-    try {
-      while (this.queued.length > 0) {
-        const batch = this.queued.splice(0, 1000);
-        try {
-          await upsertPatients(this.db, batch.map((b) => b.row));
-          for (const b of batch) b.done();
-        } catch (err) {
-          for (const b of batch) b.fail(err);
-        }
-      }
-    } finally {
-      this.flushing = false;
-    }
-  }
-}
-
-const writers = new WeakMap<Db, PatientRowWriter>();
-
-/** upsertPatient through the handle's group commit (PatientRowWriter): resolves once the row is durable. */
-export function settlePatient(db: Db, row: PatientRowWrite): Promise<void> {
-  let w = writers.get(db);
-  if (!w) writers.set(db, (w = new PatientRowWriter(db)));
-  return w.write(row);
 }
 
 /**

@@ -14,6 +14,8 @@ import { startRunWatchdog } from '../runs/watchdog.ts';
 import { STEPS } from './registry.ts';
 import { executeStep } from './runner.ts';
 import { StepThreadPool } from './step-threads.ts';
+import { runRowCache } from './run-rows.ts';
+import { existingShardRowWriter } from './shard-rows.ts';
 
 export interface WorkerHostOptions {
   /** Which queues this process consumes. Default: all but train (train needs a GPU worker of its own). */
@@ -41,16 +43,25 @@ export interface WorkerHost {
 }
 
 interface QueueSettings {
+  /** Jobs computing at once (step threads, for a sandboxed queue). */
   concurrency: number;
+  /**
+   * Jobs taken at once, when more than `concurrency`: the extra ones wait, fetched and checked, for a free step
+   * thread, so that a thread finishing a shard starts the next at once instead of idling while the main thread
+   * acknowledges the last one and fetches another (for tiny shards that idle time was most of the thread's).
+   */
+  taken?: number;
   lockDuration: number;
   stalledInterval?: number;
 }
 
 function queueSettings(q: QueueName, concurrency: number | undefined): QueueSettings {
   switch (q) {
-    case 'preprocess':
+    case 'preprocess': {
       // The work is in step threads; the main thread keeps renewing the locks meanwhile.
-      return { concurrency: concurrency ?? Math.max(1, cpus().length), lockDuration: env().lockMs, stalledInterval: env().lockMs / 2 };
+      const threads = concurrency ?? Math.max(1, cpus().length);
+      return { concurrency: threads, taken: 2 * threads, lockDuration: env().lockMs, stalledInterval: env().lockMs / 2 };
+    }
     case 'train': {
       // One training job per worker (per GPU); the queue's global concurrency caps the whole pool. A killed
       // worker's job is taken over once its lock expires and resumes from its last epoch checkpoint.
@@ -63,6 +74,10 @@ function queueSettings(q: QueueName, concurrency: number | undefined): QueueSett
     default:
       return { concurrency: concurrency ?? 2, lockDuration: env().lockMs, stalledInterval: env().lockMs / 2 };
   }
+}
+
+function workerSettings({ concurrency, taken, ...rest }: QueueSettings) {
+  return { concurrency: taken ?? concurrency, ...rest };
 }
 
 interface ActiveJob {
@@ -132,7 +147,7 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
         }
       },
       // The name ends up on each job (processedBy): which host and process took it.
-      { prefix: ctx.prefix, connection: conn(), maxStalledCount: 2, name: `${hostname()}:${process.pid}`, ...queueSettings(q, concurrency) },
+      { prefix: ctx.prefix, connection: conn(), maxStalledCount: 2, name: `${hostname()}:${process.pid}`, ...workerSettings(queueSettings(q, concurrency)) },
     );
     worker.on('error', onWorkerError(q));
     workers.push(worker);
@@ -148,6 +163,7 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
   sub.on('message', (_ch: string, message: string) => {
     // `<runId>` when a run is cancelled, `<runId> failed` when one of its steps failed it: its other jobs stop.
     const [runId = '', how = 'cancelled'] = message.split(' ');
+    runRowCache(ctx.db).stopped(runId, how === 'failed' ? 'failed' : 'cancelled');
     const n = abortRun(runId, `run ${runId} ${how}`);
     if (n) log.info({ runId, jobs: n }, `Run ${runId} ${how}; aborting ${n} active job(s) here`);
   });
@@ -181,6 +197,8 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
       await within(2000, sub.quit());
       sub.disconnect();
       await Promise.all(workers.map((w) => w.close(false)));
+      // The rows of the shards just finished, for the run page; the coordinator writes them anyway.
+      await within(5000, existingShardRowWriter(ctx)?.flush() ?? Promise.resolve());
       await threads?.close();
       for (const c of conns) c.disconnect();
       return jobs;

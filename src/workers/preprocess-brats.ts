@@ -7,9 +7,10 @@ import { z } from 'zod';
 import { patientCount } from '../config/load.ts';
 import { runPaths } from '../disk/layout.ts';
 import { discoverPatients } from '../imaging/layout.ts';
+import { sweepDeadWriters } from '../lib/atomic.ts';
 import { addPatientShards } from '../producers/patient-shards.ts';
 import type { RunSources } from '../runs/input.ts';
-import { countPatients } from '../runs/store.ts';
+import { countPatients, upsertPatients } from '../runs/store.ts';
 import { choosePatients } from '../splits/index.ts';
 import { defineStep, requireChild, RunJobData } from './define.ts';
 import type { DownloadResult } from './download-dataset.ts';
@@ -53,6 +54,13 @@ export const preprocessBrats = defineStep({
     if (await job.moveToWaitingChildren(token!)) throw new WaitingChildrenError();
     const patients = (await childResults()).filter((v): v is PatientResult => (v as PatientResult)?.kind === 'patient');
     patients.sort((a, b) => a.patientId.localeCompare(b.patientId));
+    // The shards' rows were written behind them (shard-rows.ts), some maybe not at all (a worker killed first):
+    // these, from the results BullMQ keeps with this job, are the record split and finalize read.
+    const row = preprocessPatientStep.shard!.row;
+    await upsertPatients(ctx.db, patients.map((p) => ({ runId: run.id, patientId: p.patientId, status: 'done' as const, ...row(p), error: null })));
+    // What shard workers killed mid-patient left (their retries wrote the patients elsewhere): swept once here, as a
+    // writer sweeps a folder only the first time it writes there.
+    await sweepDeadWriters(outDir);
     const slices = patients.reduce((a, p) => a + p.slices, 0);
     const tumorSlices = patients.reduce((a, p) => a + p.tumorSlices, 0);
     return {

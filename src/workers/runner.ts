@@ -12,11 +12,13 @@ import type { AppContext } from '../context.ts';
 import type { RunRow } from '../db/schema.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { waitingOutDbOutages } from '../db/client.ts';
-import { countPatients, finishRun, getRunRow, markRunRunning, settlePatient, stepDoneAtLeast, stepFailed, stepProgress, stepStarted, stepSucceeded, upsertPatient } from '../runs/store.ts';
+import { finishRun, getRunRow, markRunRunning, stepFailed, stepProgress, stepStarted, stepSucceeded, upsertPatient } from '../runs/store.ts';
 import { RunJobData, type InProcessContext, type StepDefinition, type StepOutcome } from './define.ts';
 import { RunStoppedError, StepAbortedError } from './errors.ts';
 import { CANCEL_CHANNEL } from '../queues/names.ts';
 import type { StepThreadPool } from './step-threads.ts';
+import { runRowCache } from './run-rows.ts';
+import { shardRowWriter } from './shard-rows.ts';
 
 /** Bad input (a 4xx SliceWiseError: a corrupt file, a missing folder) fails the same way on every attempt. */
 function isPermanent(err: unknown): boolean {
@@ -38,30 +40,6 @@ export interface ExecuteOptions {
 }
 
 /**
- * How often a process writes the done count of a step whose shards it runs. Per shard it would be two more round
- * trips (count, update) per patient, on one hot row, for a figure the run page polls every 2 s; the step's own
- * success writes the final count.
- */
-const SHARD_PROGRESS_MS = 250;
-const progressDue = new Set<string>();
-
-function shardProgressSoon(ctx: AppContext, runId: string, step: string): void {
-  const key = `${runId}\u0000${step}`;
-  if (progressDue.has(key)) return;
-  progressDue.add(key);
-  const timer = setTimeout(() => {
-    progressDue.delete(key);
-    countPatients(ctx.db, runId)
-      .then((c) => stepDoneAtLeast(ctx.db, runId, step, c.done))
-      // Advisory, and late by design: it may find the database closed or the run gone. An outage is reported by
-      // the database client, and the step's success writes the final count.
-      .catch((err: Error) => ctx.logger.debug({ runId, step, err: err.message }, `Could not record progress of ${step}: ${err.message}`));
-  }, SHARD_PROGRESS_MS);
-  // Advisory: it must not keep a finished process alive.
-  timer.unref();
-}
-
-/**
  * Runs one job's step. Its database statements wait out an outage of Postgres (db/client.ts) instead of failing
  * the step: every write here is idempotent, so one retried after a lost connection is safe.
  */
@@ -75,11 +53,11 @@ async function execute(def: StepDefinition, { ctx, job, token, signal, threads }
   const { runId } = base.data;
   const parsed = def.data.safeParse(job.data);
   if (!parsed.success) throw new UnrecoverableError(`job ${job.id} (${job.name}) of run ${runId} has malformed data: ${parsed.error.message}`);
-  const run = await getRunRow(ctx.db, runId);
+  const shard = def.shard;
+  const run = shard ? await runRowCache(ctx.db).get(runId) : await getRunRow(ctx.db, runId);
   if (!run) throw new UnrecoverableError(`job ${job.id}: run ${runId} does not exist in the database (was it created against another database?)`);
 
   const { db, logger } = ctx;
-  const shard = def.shard;
   // A shard has no step row of its own: its failures are its parent step's.
   const rowStep = shard?.rollsUpInto ?? def.name;
   const patientId = shard?.patientId(parsed.data);
@@ -89,7 +67,10 @@ async function execute(def: StepDefinition, { ctx, job, token, signal, threads }
     throw new RunStoppedError(runId, run.status);
   }
   // Only the run's first job finds it queued; the others skip the write.
-  if (run.status === 'queued') await markRunRunning(db, runId);
+  if (run.status === 'queued') {
+    await markRunRunning(db, runId);
+    runRowCache(db).forget(runId);
+  }
   if (!shard) await stepStarted(db, runId, rowStep, { jobId: job.id, attempt: job.attemptsMade + 1 });
 
   const aborted = signal ?? new AbortController().signal;
@@ -128,9 +109,9 @@ async function execute(def: StepDefinition, { ctx, job, token, signal, threads }
       outcome = await def.run(s);
     }
     if (shard) {
-      // Durable before the job is acknowledged: the coordinator, split and finalize read these rows.
-      await settlePatient(db, { runId, patientId: patientId!, status: 'done', ...shard.row(outcome.result), error: null });
-      shardProgressSoon(ctx, runId, rowStep);
+      // Written behind (shard-rows.ts): the durable record is the result BullMQ keeps with the coordinator, which
+      // writes every patient's row from it before split and finalize read them.
+      shardRowWriter(ctx).add(rowStep, { runId, patientId: patientId!, status: 'done', ...shard.row(outcome.result), error: null });
     } else {
       await stepSucceeded(db, runId, rowStep, outcome.counts, outcome.result);
     }

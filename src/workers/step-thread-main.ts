@@ -59,7 +59,8 @@ port.on('message', (m: ToThread) => {
       if (!def) throw new Error(`no sandboxed step named '${m.jobName}' in this version`);
       const s: StepContext<unknown> & { prepared: unknown } = {
         prepared: m.prepared,
-        data: def.data.parse(m.data),
+        // Parsed by the main thread before it was posted (runner.ts): not again here.
+        data: m.data,
         run,
         config: run.config as Config,
         signal: abort.signal,
