@@ -9,6 +9,9 @@
  * - CPU-bound shards (bigger patients): two `slicewise worker --queues preprocess` processes against one
  *   (Postgres only: PGlite serves one process).
  *
+ * The workers of a series start once and serve all its runs, after a warm-up run, as long-lived workers do; each
+ * size has a dataset of its own, as a run discovers every patient of its source.
+ *
  * Redis: REDIS_URL, or a private redis-server started for the bench. Postgres: DATABASE_URL (a throwaway database
  * is created on that server and dropped after); without it the Postgres rows say so.
  *
@@ -21,7 +24,7 @@ import { link, mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { Queue, QueueEvents, Worker } from 'bullmq';
+import { Queue, QueueEvents, Worker, type Job } from 'bullmq';
 import pg from 'pg';
 import { printTable, writeResult } from 'tfjs-wasm-training/bench/table';
 import { startPrivateRedis, type PrivateRedis } from '../src/cli/redis-server.ts';
@@ -35,14 +38,16 @@ import { runPaths } from '../src/disk/layout.ts';
 import { createRun } from '../src/runs/service.ts';
 import { getRunRow } from '../src/runs/store.ts';
 import { synthesize } from '../src/synth/index.ts';
-import { startWorkers } from '../src/workers/host.ts';
+import { startWorkers, type WorkerHost } from '../src/workers/host.ts';
 import { freshDb, type DbKind } from '../test/helpers/db.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BIN = resolve(here, '../bin/slicewise.mjs');
 const TINY: [number, number, number] = [32, 32, 8];
-/** Big enough that a shard is CPU work (~0.2-0.3 s here), small enough that the bench stays short. */
+/** Big enough that a shard is mostly CPU work, small enough that the bench stays short. */
 const CPU_BOUND: [number, number, number] = [160, 160, 64];
+/** The output slice size of the CPU-bound runs: the default config's. */
+const CPU_BOUND_SIZE = 256;
 const CPU_BOUND_PATIENTS = 40;
 
 
@@ -52,6 +57,8 @@ export interface FlowFigure {
   /** Coordinator start (its job active) to the last shard job finished. */
   ms: number;
   per_shard_ms: number;
+  /** Coordinator start to the first shard taken: discovering the patients and adding their jobs. */
+  first_shard_ms: number;
   /** Coordinator start to preprocess_brats done (its collect phase included). */
   step_ms: number;
   /**
@@ -169,25 +176,38 @@ async function makeDataset(root: string, patients: number, size: [number, number
 }
 
 /**
- * One data-only run whose preprocess_brats fans out `shards` patients. `preprocessProcs` > 0: the shards go to
- * that many `slicewise worker --queues preprocess --concurrency 1` processes instead of this process.
+ * The workers of one measurement series, started once and kept for all its runs as a deployment keeps them: this
+ * process's worker host (all queues, or all but preprocess) and `preprocessProcs` `slicewise worker --queues
+ * preprocess --concurrency 1` processes. What starting them costs (loading the step threads' modules, seconds of
+ * CPU) is a warm-up run's, not a measured one's.
  */
-async function timedRun(
-  opts: { kind: DbKind; serverUrl?: string; redisUrl: string; dataDir: string; dataset: Dataset; shards: number; imageSize: number; preprocessProcs?: number },
-): Promise<{ ms: number; stepMs: number; cpuMs: number }> {
+interface Fleet {
+  ctx: AppContext;
+  host: WorkerHost;
+  dataDir: string;
+  /** Output of the worker processes, for an error message. */
+  out: string[];
+  close(): Promise<void>;
+}
+
+async function startFleet(opts: { kind: DbKind; serverUrl?: string; redisUrl: string; dataDir: string; preprocessProcs?: number }): Promise<Fleet> {
   const db = await benchDb(opts.kind, opts.serverUrl);
-  const { dataDir } = opts;
-  let runDir: string | undefined;
   const prefix = `swbench${randomBytes(3).toString('hex')}`;
-  const ctx = createContext({ db: db.db, redisUrl: opts.redisUrl, dataDir, prefix, logger: createLogger('bench', 'warn') });
+  const ctx = createContext({ db: db.db, redisUrl: opts.redisUrl, dataDir: opts.dataDir, prefix, logger: createLogger('bench', 'warn') });
+  const external = opts.preprocessProcs ?? 0;
+  const host = await startWorkers(ctx, external ? { queues: ['pipeline', 'download', 'split'] } : {});
   const procs: ChildProcess[] = [];
   const out: string[] = [];
-  const external = opts.preprocessProcs ?? 0;
-  const cleanup: (() => Promise<unknown>)[] = [];
-  const host = await startWorkers(ctx, external ? { queues: ['pipeline', 'download', 'split'] } : {});
+  const close = async () => {
+    for (const p of procs) if (p.exitCode === null) p.kill('SIGKILL');
+    await host.close(true);
+    await clearPrefix(ctx);
+    await ctx.close();
+    await db.close();
+  };
   try {
     for (let i = 0; i < external; i++) {
-      const p = spawn(process.execPath, [BIN, 'worker', '--queues', 'preprocess', '--concurrency', '1', '--data-dir', dataDir], {
+      const p = spawn(process.execPath, [BIN, 'worker', '--queues', 'preprocess', '--concurrency', '1', '--data-dir', opts.dataDir], {
         env: { ...process.env, REDIS_URL: opts.redisUrl, DATABASE_URL: db.url, SLICEWISE_QUEUE_PREFIX: prefix, LOG_LEVEL: 'warn' },
         stdio: ['ignore', 'pipe', 'pipe'],
       });
@@ -200,14 +220,32 @@ async function timedRun(
       if (Date.now() > deadline) throw new Error(`the bench's worker processes did not come up:\n${out.join('')}`);
       await sleep(100);
     }
-    // The last shard: the latest completion event of a shard job on the queue's event stream (its entry id is a
-    // Redis timestamp in ms). Completed shard jobs themselves are trimmed from Redis (SHARD_RETENTION) as they go.
-    const eventsConn = createRedis(opts.redisUrl);
-    const events = new QueueEvents('preprocess', { connection: eventsConn, prefix });
+  } catch (err) {
+    await close();
+    throw err;
+  }
+  return { ctx, host, dataDir: opts.dataDir, out, close };
+}
+
+/** One data-only run on `fleet` whose preprocess_brats fans out `shards` patients of `dataset`. */
+async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; imageSize: number }): Promise<{ ms: number; firstMs: number; stepMs: number; cpuMs: number }> {
+  const { ctx, host } = fleet;
+  const cleanup: (() => Promise<unknown>)[] = [];
+  let runDir: string | undefined;
+  let runId = '';
+  try {
+    // The last shard: the latest completion event of this run's shard jobs on the queue's event stream (its entry
+    // id is a Redis timestamp in ms). Completed shard jobs themselves are trimmed from Redis (SHARD_RETENTION).
+    const eventsConn = createRedis(ctx.redisUrl);
+    const events = new QueueEvents('preprocess', { connection: eventsConn, prefix: ctx.prefix });
     let shardsDone = 0;
     let last = 0;
+    let first = 0;
+    events.on('active', ({ jobId: id }, eventId) => {
+      if (runId && id.startsWith(`${runId}.`) && id.includes('.patient.') && !first) first = Number(eventId.split('-')[0]);
+    });
     events.on('completed', ({ jobId: id }, eventId) => {
-      if (!id.includes('.patient.')) return;
+      if (!runId || !id.startsWith(`${runId}.`) || !id.includes('.patient.')) return;
       shardsDone++;
       last = Math.max(last, Number(eventId.split('-')[0]));
     });
@@ -220,14 +258,23 @@ async function timedRun(
     let t0 = 0;
     let tStep = 0;
     let cpu0: NodeJS.CpuUsage | undefined;
-    pipelineWorker.on('active', (job) => {
-      if (job.name === 'preprocess_brats' && !t0) {
+    const onActive = (job: Job) => {
+      if (job.name === 'preprocess_brats' && job.data.runId === runId && !t0) {
         t0 = Date.now();
         cpu0 = process.cpuUsage();
       }
-    });
-    pipelineWorker.on('completed', (job) => {
+    };
+    let finalized = false;
+    const onCompleted = (job: Job) => {
+      if (job.data.runId !== runId) return;
       if (job.name === 'preprocess_brats') tStep = Date.now();
+      if (job.name === 'finalize') finalized = true;
+    };
+    pipelineWorker.on('active', onActive);
+    pipelineWorker.on('completed', onCompleted);
+    cleanup.push(async () => {
+      pipelineWorker.off('active', onActive);
+      pipelineWorker.off('completed', onCompleted);
     });
     const { run } = await createRun(ctx, {
       mode: 'data-only',
@@ -235,25 +282,23 @@ async function timedRun(
       sources: { brats: opts.dataset.brats, kaggle: opts.dataset.kaggle },
       overrides: { data: { image_size: opts.imageSize, max_patients: opts.shards, patients: { fraction: 1 } } },
     });
-    runDir = runPaths(dataDir, run.id).root;
+    runId = run.id;
+    runDir = runPaths(fleet.dataDir, run.id).root;
     for (;;) {
       const row = await getRunRow(ctx.db, run.id);
       if (row?.status === 'succeeded') break;
-      if (row && ['failed', 'cancelled'].includes(row.status)) throw new Error(`bench run ${run.id} ${row.status}: ${row.error}\n${out.join('')}`);
+      if (row && ['failed', 'cancelled'].includes(row.status)) throw new Error(`bench run ${run.id} ${row.status}: ${row.error}\n${fleet.out.join('')}`);
       await sleep(100);
     }
     const cpu = process.cpuUsage(cpu0);
     const settle = Date.now() + 5000;
     while (shardsDone < opts.shards && Date.now() < settle) await sleep(50);
     if (shardsDone !== opts.shards) throw new Error(`expected ${opts.shards} completed shards, saw ${shardsDone}`);
-    return { ms: last - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000 };
+    // finalize writes pipeline_results.json after the run's verdict: the run's folder is removed after that.
+    while (!finalized && Date.now() < settle) await sleep(20);
+    return { ms: last - t0, firstMs: first - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000 };
   } finally {
-    for (const p of procs) if (p.exitCode === null) p.kill('SIGKILL');
     for (const c of cleanup) await c();
-    await host.close(true);
-    await clearPrefix(ctx);
-    await ctx.close();
-    await db.close();
     if (runDir) await rm(runDir, { recursive: true, force: true });
   }
 }
@@ -286,28 +331,36 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
     const concurrency = Math.max(1, cpus().length);
     // One data dir for every run: `path:` sources must lie inside it (or SLICEWISE_ALLOWED_ROOTS).
     const dataDir = join(work, 'data');
-    const tinyData = await makeDataset(join(dataDir, 'bench-sources', 'tiny'), Math.max(...shards), TINY);
-    // Warm-up: the first run pays for loading the step threads' modules and the JIT.
-    await timedRun({ kind: 'pglite', redisUrl, dataDir, dataset: tinyData, shards: Math.min(50, Math.max(...shards)), imageSize: 32 });
+    // A dataset per size: a run discovers every patient of its source (a cost per patient, so per shard).
+    const tinyData = new Map<number, Dataset>();
+    for (const n of shards) tinyData.set(n, await makeDataset(join(dataDir, 'bench-sources', `tiny-${n}`), n, TINY));
 
     const tiny: FlowFigure[] = [];
-    for (const n of shards) {
-      for (const kind of dbs) {
-        if (kind === 'postgres' && !server.url) continue;
-        const floorMs = await bareBullmq(redisUrl, n, concurrency);
-        const r = await timedRun({ kind, serverUrl: server.url, redisUrl, dataDir, dataset: tinyData, shards: n, imageSize: 32 });
-        tiny.push({
-          db: kind,
-          shards: n,
-          ms: Math.round(r.ms),
-          per_shard_ms: round(r.ms / n),
-          step_ms: Math.round(r.stepMs),
-          cpu_per_shard_ms: round(r.cpuMs / n),
-          floor_ms: Math.round(floorMs),
-          floor_per_job_ms: round(floorMs / n, 3),
-          ratio: round(r.ms / floorMs, 1),
-        });
-        console.error(`queue bench: ${n} tiny shards on ${kind}: ${(r.ms / n).toFixed(2)} ms per shard (floor ${(floorMs / n).toFixed(3)} ms)`);
+    for (const kind of dbs) {
+      if (kind === 'postgres' && !server.url) continue;
+      const fleet = await startFleet({ kind, serverUrl: server.url, redisUrl, dataDir });
+      try {
+        // Warm-up: the first run pays for loading the step threads' modules and the JIT.
+        await timedRun(fleet, { dataset: tinyData.get(Math.min(...shards))!, shards: Math.min(50, ...shards), imageSize: 32 });
+        for (const n of shards) {
+          const floorMs = await bareBullmq(redisUrl, n, concurrency);
+          const r = await timedRun(fleet, { dataset: tinyData.get(n)!, shards: n, imageSize: 32 });
+          tiny.push({
+            db: kind,
+            shards: n,
+            ms: Math.round(r.ms),
+            per_shard_ms: round(r.ms / n),
+            first_shard_ms: Math.round(r.firstMs),
+            step_ms: Math.round(r.stepMs),
+            cpu_per_shard_ms: round(r.cpuMs / n),
+            floor_ms: Math.round(floorMs),
+            floor_per_job_ms: round(floorMs / n, 3),
+            ratio: round(r.ms / floorMs, 1),
+          });
+          console.error(`queue bench: ${n} tiny shards on ${kind}: ${(r.ms / n).toFixed(2)} ms per shard (floor ${(floorMs / n).toFixed(3)} ms)`);
+        }
+      } finally {
+        await fleet.close();
       }
     }
 
@@ -317,11 +370,20 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
     else if (!server.url) scaleNote = 'needs Postgres (PGlite serves one process); set DATABASE_URL';
     else {
       const cpuData = await makeDataset(join(dataDir, 'bench-sources', 'cpu'), CPU_BOUND_PATIENTS, CPU_BOUND);
-      // Interleaved, twice each: the machine's load changes under a bench.
-      for (const procs of [1, 2, 1, 2]) {
-        const r = await timedRun({ kind: 'postgres', serverUrl: server.url, redisUrl, dataDir, dataset: cpuData, shards: CPU_BOUND_PATIENTS, imageSize: 128, preprocessProcs: procs });
-        scale.push({ processes: procs, shards: CPU_BOUND_PATIENTS, ms: Math.round(r.ms), per_shard_ms: round(r.ms / CPU_BOUND_PATIENTS) });
-        console.error(`queue bench: ${CPU_BOUND_PATIENTS} CPU-bound shards on ${procs} worker process(es): ${(r.ms / 1000).toFixed(2)} s`);
+      const warm = await makeDataset(join(dataDir, 'bench-sources', 'cpu-warm'), 4, CPU_BOUND);
+      for (const procs of [1, 2]) {
+        const fleet = await startFleet({ kind: 'postgres', serverUrl: server.url, redisUrl, dataDir, preprocessProcs: procs });
+        try {
+          await timedRun(fleet, { dataset: warm, shards: 4, imageSize: CPU_BOUND_SIZE });
+          // Twice each: the machine's load changes under a bench.
+          for (let rep = 0; rep < 2; rep++) {
+            const r = await timedRun(fleet, { dataset: cpuData, shards: CPU_BOUND_PATIENTS, imageSize: CPU_BOUND_SIZE });
+            scale.push({ processes: procs, shards: CPU_BOUND_PATIENTS, ms: Math.round(r.ms), per_shard_ms: round(r.ms / CPU_BOUND_PATIENTS) });
+            console.error(`queue bench: ${CPU_BOUND_PATIENTS} CPU-bound shards on ${procs} worker process(es): ${(r.ms / 1000).toFixed(2)} s`);
+          }
+        } finally {
+          await fleet.close();
+        }
       }
     }
     const best = (p: number) => Math.min(...scale.filter((s) => s.processes === p).map((s) => s.ms));
@@ -352,8 +414,8 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
 export function printQueueTables(r: QueueBenchResult): void {
   if (r.postgres_note) console.log(`Postgres: ${r.postgres_note}`);
   printTable([
-    ['tiny shards (32 x 32 x 8)', 'shards', 'total ms', 'ms per shard', 'cpu ms per shard', 'step ms', 'bare BullMQ ms per job', 'ratio'],
-    ...r.tiny.map((f) => [f.db, String(f.shards), String(f.ms), f.per_shard_ms.toFixed(2), f.cpu_per_shard_ms.toFixed(2), String(f.step_ms), f.floor_per_job_ms.toFixed(3), `${f.ratio}x`]),
+    ['tiny shards (32 x 32 x 8)', 'shards', 'total ms', 'ms per shard', 'cpu ms per shard', 'first shard ms', 'step ms', 'bare BullMQ ms per job', 'ratio'],
+    ...r.tiny.map((f) => [f.db, String(f.shards), String(f.ms), f.per_shard_ms.toFixed(2), f.cpu_per_shard_ms.toFixed(2), String(f.first_shard_ms), String(f.step_ms), f.floor_per_job_ms.toFixed(3), `${f.ratio}x`]),
   ]);
   console.log('');
   if (r.scale_out_note) console.log(`scale-out: ${r.scale_out_note}`);
