@@ -8,6 +8,7 @@
  */
 import { delimiter, resolve } from 'node:path';
 import { SliceWiseError } from './lib/errors.ts';
+import { SYNTH_LIMITS } from './synth/limits.ts';
 
 interface Knob<T> {
   name: string;
@@ -36,6 +37,14 @@ function positiveInt(fallback?: number) {
     if (!raw?.trim()) return fallback;
     const n = Number(raw);
     if (!Number.isInteger(n) || n < 1) throw new EnvError(name, raw, 'a positive integer');
+    return n;
+  };
+}
+/** A positive integer no larger than `max`, which `why` explains (a value above it would be a promise not kept). */
+function positiveIntUpTo(fallback: number, max: number, why: string) {
+  return (raw: string | undefined, name: string): number => {
+    const n = positiveInt(fallback)(raw, name);
+    if (n > max) throw new EnvError(name, raw!, `a positive integer up to ${max} (${why})`);
     return n;
   };
 }
@@ -110,6 +119,7 @@ export const ENV_KNOBS = {
   extractMaxBytes: knob('SLICEWISE_EXTRACT_MAX_BYTES', '`200G`', 'most bytes one archive may extract to (`K`/`M`/`G`/`T` suffixes); also the largest download', byteSize(200 * 1024 ** 3)),
   extractMaxRatio: knob('SLICEWISE_EXTRACT_MAX_RATIO', '`100`', 'most bytes extracted per archive byte, once past the first 256 MiB (real BraTS archives expand about 2-10x)', positiveInt(100)),
   maxPatients: knob('SLICEWISE_MAX_PATIENTS', '`5000`', 'most BraTS patients one run may preprocess (`data.max_patients`, `synthetic:N`, patients found)', positiveInt(5000)),
+  maxKaggleImages: knob('SLICEWISE_MAX_KAGGLE_IMAGES', `\`${SYNTH_LIMITS.kaggleImagesPerClass}\``, `most synthetic Kaggle images per class one run may generate (\`synthetic:N\` of the Kaggle source); at most ${SYNTH_LIMITS.kaggleImagesPerClass}, what the generator makes`, positiveIntUpTo(SYNTH_LIMITS.kaggleImagesPerClass, SYNTH_LIMITS.kaggleImagesPerClass, 'what the synthetic generator makes per class')),
   fuzzScale: knob('SLICEWISE_FUZZ_SCALE', '`1`', 'multiplies the case counts of the reader fuzz pass (test/fuzz.test.ts, about 3,400 cases at 1)', positiveInt(1)),
   fuzzSeed: knob('SLICEWISE_FUZZ_SEED', '`1`', 'seed of the reader fuzz pass: a failure names its seed and case number', positiveInt(1)),
   benchCpu: knob('SLICEWISE_BENCH_CPU', '`1`', '`0`: `npm run bench` skips the (slow) tfjs cpu backend baseline', (raw, name) => raw?.trim() ? flag(raw, name) : true),

@@ -4,6 +4,9 @@
  * to serve an open API off loopback. Real Redis, PGlite, the real app through app.request(), the CLI as a child.
  */
 import { spawn } from 'node:child_process';
+import http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { serve, type ServerType } from '@hono/node-server';
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -13,6 +16,7 @@ import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createApp } from '../src/api/app.ts';
 import { PUBLIC_PATHS, SESSION_COOKIE, TokenStore, hashToken } from '../src/api/auth.ts';
+import { addressKey, SignInLimiter } from '../src/api/sign-in-limit.ts';
 import { createToken, revokeToken } from '../src/cli/tokens.ts';
 import { createContext, type AppContext } from '../src/context.ts';
 import { DemoService } from '../src/serving/demo-service.ts';
@@ -316,6 +320,148 @@ describe('signing in with a browser', () => {
     expect(res.status).toBe(302);
     expect(res.headers.get('location')).toBe('/login?next=%2Fui');
     expect(cookieOf(res)).toMatch(/Max-Age=0/);
+  });
+});
+
+describe('signing out', () => {
+  const form = (fields: Record<string, string>, headers: Record<string, string> = {}) => ({
+    method: 'POST',
+    headers: { 'content-type': 'application/x-www-form-urlencoded', ...headers },
+    body: new URLSearchParams(fields).toString(),
+  });
+  const SIGN_OUT = '<form class="signout" method="post" action="/logout"><button type="submit" id="sign-out">Sign out</button></form>';
+  const page = (path: string, init: { cookie?: string; token?: string } = {}) => call(path, { ...init, headers: { accept: 'text/html' } });
+
+  it('pages opened with the login cookie offer it; POST /logout clears the cookie and the pages want a sign-in again', async () => {
+    const signIn = await call('/login', form({ token: tokens.user, next: '/ui' }));
+    expect(signIn.status).toBe(303);
+    /** The browser's cookie jar: what Set-Cookie says, a Max-Age=0 removing it. */
+    let jar: string | undefined = decodeURIComponent(/^[^=]+=([^;]*)/.exec(signIn.headers.get('set-cookie')!)![1]!);
+    const created = await call('/runs', { method: 'POST', cookie: jar, headers: { 'content-type': 'application/json' }, body: '{"mode":"data-only"}' });
+    expect(created.status).toBe(201);
+    const runPage = `/ui/runs/${(await created.json()).run.id}`;
+
+    for (const path of ['/ui', runPage, '/ui/demo', '/ui/runs/no-such-run']) {
+      const res = await page(path, { cookie: jar });
+      expect([200, 404], path).toContain(res.status);
+      expect(await res.text(), path).toContain(SIGN_OUT);
+    }
+    // A client with the header has no cookie to clear.
+    expect(await (await page(runPage, { token: tokens.user })).text()).not.toContain('action="/logout"');
+
+    // Neither a link (GET) nor another site's form signs anyone out.
+    const link = await call('/logout', { cookie: jar });
+    expect(link.status).toBe(404);
+    expect(link.headers.get('set-cookie')).toBeNull();
+    const cross = await call('/logout', { method: 'POST', cookie: jar, headers: { 'sec-fetch-site': 'cross-site' } });
+    expect(cross.status).toBe(403);
+    expect(cross.headers.get('set-cookie')).toBeNull();
+
+    // What the button sends.
+    const out = await call('/logout', { method: 'POST', cookie: jar, headers: { 'sec-fetch-site': 'same-origin' } });
+    expect(out.status).toBe(303);
+    expect(out.headers.get('location')).toBe('/login');
+    const cleared = out.headers.get('set-cookie')!;
+    expect(cleared).toMatch(new RegExp(`^${SESSION_COOKIE}=;.*Max-Age=0.*Path=/`));
+    if (/Max-Age=0/.test(cleared)) jar = undefined;
+
+    expect(jar).toBeUndefined();
+    const again = await page(runPage);
+    expect(again.status).toBe(302);
+    expect(again.headers.get('location')).toBe(`/login?next=${encodeURIComponent(runPage)}`);
+    expect((await call('/runs/x/metrics')).status).toBe(401);
+  });
+});
+
+describe('wrong tokens, per client address', () => {
+  let server: ServerType;
+  let port: number;
+  beforeAll(async () => {
+    // A server of its own (a fresh budget), on real sockets: the address counted is the TCP peer's.
+    server = serve({ fetch: createApp(ctx, { auth: store }).fetch, port: 0, hostname: '127.0.0.1' });
+    await new Promise<void>((r) => (server.listening ? r() : server.once('listening', () => r())));
+    port = (server.address() as AddressInfo).port;
+  });
+  afterAll(async () => {
+    await new Promise<void>((r) => server.close(() => r()));
+  });
+
+  /** One request from `from` (any 127.x address reaches the server over loopback). */
+  function send(from: string, path: string, { token, signIn, accept }: { token?: string; signIn?: string; accept?: string } = {}): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }> {
+    const body = signIn === undefined ? undefined : new URLSearchParams({ token: signIn, next: '/ui' }).toString();
+    const headers: Record<string, string> = {
+      ...(token ? { authorization: `Bearer ${token}` } : {}),
+      ...(body ? { 'content-type': 'application/x-www-form-urlencoded' } : {}),
+      ...(accept ? { accept } : {}),
+    };
+    return new Promise((resolve, reject) => {
+      const req = http.request({ host: '127.0.0.1', port, path, method: body ? 'POST' : 'GET', localAddress: from, headers }, (res) => {
+        let text = '';
+        res.on('data', (d) => (text += d));
+        res.on('end', () => resolve({ status: res.statusCode!, headers: res.headers, body: text }));
+      });
+      req.on('error', reject);
+      req.end(body);
+    });
+  }
+
+  it('the 11th wrong sign-in within the window is 429 naming the wait; other addresses still sign in; said once', async () => {
+    const wrong = `sw_${randomBytes(32).toString('base64url')}`;
+    for (let i = 1; i <= 10; i++) expect((await send('127.0.0.2', '/login', { signIn: wrong })).status, `attempt ${i}`).toBe(401);
+    const refused = await send('127.0.0.2', '/login', { signIn: wrong });
+    expect(refused.status).toBe(429);
+    const wait = Number(refused.headers['retry-after']);
+    expect(wait).toBeGreaterThanOrEqual(1);
+    expect(wait).toBeLessThanOrEqual(60);
+    expect(refused.body).toContain(`try again in ${wait} s`);
+    // Refused before the token is looked at: a right guess now would teach nothing, so a good token waits too,
+    // on the form and as a header.
+    expect((await send('127.0.0.2', '/login', { signIn: tokens.user })).status).toBe(429);
+    const api = await send('127.0.0.2', '/runs', { token: tokens.user });
+    expect(api.status).toBe(429);
+    expect(api.headers['retry-after']).toBeDefined();
+    expect(JSON.parse(api.body).error).toMatchObject({ code: 'too_many_attempts', message: expect.stringMatching(/try again in \d+ s/) });
+
+    // Another address is not affected.
+    const other = await send('127.0.0.1', '/login', { signIn: tokens.user });
+    expect(other.status).toBe(303);
+    expect(other.headers['set-cookie']?.[0]).toMatch(new RegExp(`^${SESSION_COOKIE}=`));
+    expect((await send('127.0.0.1', '/runs', { token: tokens.user })).status).toBe(200);
+
+    // The operator hears it once for the window, not once per attempt.
+    const said = logs.filter((l) => l.includes('wrong tokens from 127.0.0.2'));
+    expect(said).toHaveLength(1);
+    expect(said[0]).toMatch(/10 wrong tokens from 127\.0\.0\.2 within 60 s: refusing its sign-ins and tokens for the next \d+ s \(this API process only\)/);
+  });
+
+  it('wrong bearer tokens draw on the same budget as the form', async () => {
+    const wrong = `sw_${randomBytes(32).toString('base64url')}`;
+    for (let i = 1; i <= 5; i++) expect((await send('127.0.0.3', '/runs', { token: wrong })).status).toBe(401);
+    for (let i = 1; i <= 5; i++) expect((await send('127.0.0.3', '/login', { signIn: wrong })).status).toBe(401);
+    expect((await send('127.0.0.3', '/runs', { token: wrong })).status).toBe(429);
+    // No token at all is not a guess: a page still sends the browser to the sign-in form (which then says wait).
+    const page = await send('127.0.0.3', '/ui', { accept: 'text/html' });
+    expect(page.status).toBe(302);
+    expect(page.headers.location).toBe('/login?next=%2Fui');
+  });
+});
+
+describe('the sign-in budget', () => {
+  it('opens again when the window ends; IPv6 counts by /64, IPv4-in-IPv6 as IPv4', async () => {
+    const limiter = new SignInLimiter({ logger: pino({ level: 'silent' }), limit: 2, windowMs: 300 });
+    limiter.failed('2001:db8:1:2::5');
+    limiter.failed('2001:db8:1:2:ffff::9');
+    expect(limiter.refusedFor('2001:0db8:0001:0002::1')).toBe(1);
+    expect(limiter.refusedFor('2001:db8:1:3::1')).toBe(0);
+    await new Promise((r) => setTimeout(r, 350));
+    expect(limiter.refusedFor('2001:db8:1:2::5')).toBe(0);
+    expect(addressKey('::ffff:203.0.113.7')).toBe('203.0.113.7');
+    expect(addressKey('::1')).toBe('0:0:0:0::/64');
+    expect(addressKey('fe80::1%eth0')).toBe('fe80:0:0:0::/64');
+    expect(addressKey('64:ff9b:1:2:3:4:1.2.3.4')).toBe('64:ff9b:1:2::/64');
+    // No socket (app.request()): nothing to count by, never refused.
+    limiter.failed(undefined);
+    expect(limiter.refusedFor(undefined)).toBe(0);
   });
 });
 

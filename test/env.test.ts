@@ -23,6 +23,9 @@ describe('environment variables', () => {
     expect(() => env({ SLICEWISE_TRAIN_POOL: 'two' })).toThrow(/SLICEWISE_TRAIN_POOL=two is not a positive integer/);
     expect(() => env({ SLICEWISE_TF_BACKEND: 'gpu' })).toThrow(/SLICEWISE_TF_BACKEND=gpu is not one of tensorflow, wasm, cpu/);
     expect(() => env({ SLICEWISE_NO_INSTALL: 'yes' })).toThrow(/SLICEWISE_NO_INSTALL/);
+    // A cap above what the generator makes would promise what no run can do.
+    expect(env({}).maxKaggleImages).toBe(999);
+    expect(() => env({ SLICEWISE_MAX_KAGGLE_IMAGES: '5000' })).toThrow(/SLICEWISE_MAX_KAGGLE_IMAGES=5000 is not a positive integer up to 999 \(what the synthetic generator makes per class\)/);
   });
 
   it('the README lists every variable, with its default', () => {

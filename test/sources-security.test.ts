@@ -24,9 +24,10 @@ import { SliceWiseError } from '../src/lib/errors.ts';
 import { downloadDataset } from '../src/workers/download-dataset.ts';
 import type { InProcessContext, RunJobData } from '../src/workers/define.ts';
 import { buildZip, deflatedZeros, gzipWrap, tarEntry, tarHeader } from './helpers/zip.ts';
+import { bareEnv, runCli } from './helpers/cli.ts';
 import { harness, json, postRun, waitForRun, type Harness } from './helpers/services.ts';
 
-const KNOBS = ['SLICEWISE_ALLOWED_ROOTS', 'SLICEWISE_ALLOW_PRIVATE_NETWORKS', 'SLICEWISE_EXTRACT_MAX_BYTES', 'SLICEWISE_EXTRACT_MAX_RATIO', 'SLICEWISE_MAX_PATIENTS'];
+const KNOBS = ['SLICEWISE_ALLOWED_ROOTS', 'SLICEWISE_ALLOW_PRIVATE_NETWORKS', 'SLICEWISE_EXTRACT_MAX_BYTES', 'SLICEWISE_EXTRACT_MAX_RATIO', 'SLICEWISE_MAX_PATIENTS', 'SLICEWISE_MAX_KAGGLE_IMAGES'];
 const saved: Record<string, string | undefined> = {};
 let tmp: string;
 
@@ -162,6 +163,51 @@ describe('POST /runs: sources', () => {
     expect(b.code).toBe('too_many_patients');
     expect(b.message).toMatch(/max_patients.*500 patients.*limit of 50/);
     expect((await postRun(h.app, { mode: 'data-only', sources: { brats: 'synthetic:50' } })).status).toBe(201);
+  });
+
+  it('caps synthetic:N: Kaggle images per class (SLICEWISE_MAX_KAGGLE_IMAGES) and BraTS patients beyond what the generator makes', async () => {
+    // By default the cap is what the generator makes per class.
+    const huge = await refused({ kaggle: 'synthetic:100000000' }, 'sources.kaggle', 'too_many_images');
+    expect(huge.message).toMatch(/100000000 images per class.*limit of 999 per class.*SLICEWISE_MAX_KAGGLE_IMAGES/);
+    expect(huge.details).toMatchObject({ field: 'sources.kaggle', count: 100000000, limit: 999 });
+    process.env.SLICEWISE_MAX_KAGGLE_IMAGES = '10';
+    const over = await refused({ kaggle: 'synthetic:11' }, 'sources.kaggle', 'too_many_images');
+    expect(over.message).toMatch(/11 images per class.*limit of 10 per class.*SLICEWISE_MAX_KAGGLE_IMAGES/);
+    expect((await postRun(h.app, { mode: 'data-only', sources: { kaggle: 'synthetic:10' } })).status).toBe(201);
+    // The patient cap stays BraTS's own: a Kaggle count is not held against it, nor a BraTS one against this.
+    process.env.SLICEWISE_MAX_PATIENTS = '5';
+    expect((await postRun(h.app, { mode: 'data-only', sources: { brats: 'synthetic:5', kaggle: 'synthetic:10' } })).status).toBe(201);
+    // Within SLICEWISE_MAX_PATIENTS (5000) but more than the generator makes: refused here, not by a worker later.
+    delete process.env.SLICEWISE_MAX_PATIENTS;
+    const brats = await refused({ brats: 'synthetic:2000' }, 'sources.brats', 'too_many_patients');
+    expect(brats.message).toMatch(/2000 patients, more than the synthetic generator makes \(999\)/);
+  });
+
+  it('the CLI refuses a synthetic:N over the caps while reading its command line, naming the flag', async () => {
+    const dataDir = join(tmp, 'cli-capped');
+    const kaggle = await runCli(['pipeline', '--mode', 'data-only', '--kaggle-source', 'synthetic:11', '--data-dir', dataDir], tmp, bareEnv({ SLICEWISE_MAX_KAGGLE_IMAGES: '10' }));
+    expect(kaggle.code, kaggle.out).toBe(1);
+    expect(kaggle.out).toMatch(/--kaggle-source: synthetic:11: 11 images per class, more than the limit of 10 per class \(SLICEWISE_MAX_KAGGLE_IMAGES\)/);
+    const brats = await runCli(['evaluate', '--run', 'run-x', '--brats-source', 'synthetic:51', '--data-dir', dataDir], tmp, bareEnv({ SLICEWISE_MAX_PATIENTS: '50' }));
+    expect(brats.code, brats.out).toBe(1);
+    expect(brats.out).toMatch(/--brats-source: synthetic:51: 51 patients, more than the limit of 50 per run \(SLICEWISE_MAX_PATIENTS\)/);
+    // Nothing started: no data dir, no Redis, no database.
+    expect(await exists(dataDir)).toBe(false);
+  });
+
+  it('the download step refuses a synthetic:N over its own process\'s cap before generating anything', async () => {
+    process.env.SLICEWISE_MAX_KAGGLE_IMAGES = '3';
+    const run = {
+      id: 'run-forged-count',
+      dataDir: h.dataDir,
+      sources: { brats: 'synthetic', kaggle: 'synthetic:4', skipDownload: false },
+      config: loadConfig({ trainingMode: 'quick' }),
+    } as unknown as RunRow;
+    const s = { ctx: h.ctx, run, config: run.config, signal: new AbortController().signal, progress: async () => {}, log: () => {} } as unknown as InProcessContext<RunJobData>;
+    const err = await caught(downloadDataset('kaggle', s));
+    expect(err.code).toBe('too_many_images');
+    expect(err.message).toMatch(/synthetic:4: 4 images per class, more than the limit of 3 per class/);
+    expect(await exists(join(h.dataDir, 'raw'))).toBe(false);
   });
 
   it("the download step refuses a path the worker's roots do not allow, whatever the run row says", async () => {

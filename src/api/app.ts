@@ -11,6 +11,7 @@ import { requireToken, roleOf, type AuthVariables, type TokenStore } from './aut
 import { demoRoutes } from './demo.ts';
 import { errorResponse } from './errors.ts';
 import { loginRoutes } from './login.ts';
+import { SignInLimiter } from './sign-in-limit.ts';
 import { runsRoutes } from './runs.ts';
 import { uiRoutes } from './ui.ts';
 
@@ -34,8 +35,10 @@ export function createApp(ctx: AppContext, { bullBoard = true, demo, auth }: Api
   const notFound = (c: Context) => c.json({ error: { code: 'not_found', message: `no route for ${c.req.method} ${c.req.path}` } }, 404);
   app.notFound(notFound);
   if (auth) {
-    app.use('*', requireToken(auth));
-    app.route('/', loginRoutes(auth, ctx.logger));
+    // One budget of wrong tokens per client address for the form and the header alike (see SignInLimiter).
+    const limiter = new SignInLimiter({ logger: ctx.logger });
+    app.use('*', requireToken(auth, limiter));
+    app.route('/', loginRoutes(auth, ctx.logger, limiter));
   }
 
   app.get('/healthz', async (c) => {

@@ -14,6 +14,7 @@ import { deleteCookie, getCookie } from 'hono/cookie';
 import { z } from 'zod';
 import { SliceWiseError } from '../lib/errors.ts';
 import { createLogger, type Logger } from '../lib/logger.ts';
+import { clientAddress, type SignInLimiter } from './sign-in-limit.ts';
 
 export const ROLES = ['user', 'admin'] as const;
 export type Role = (typeof ROLES)[number];
@@ -207,7 +208,11 @@ function signatureOf(st: { mtimeMs: number; size: number; ino: number }) {
   return `${st.ino}:${st.size}:${st.mtimeMs}`;
 }
 
-export type AuthVariables = { principal?: Principal };
+export type AuthVariables = {
+  principal?: Principal;
+  /** The request was let in by the login cookie (not a header): its pages offer to sign out. */
+  viaCookie?: boolean;
+};
 
 /** The token of a request: `Authorization: Bearer ...`, else the login cookie. */
 function presentedToken(c: Context): { token: string | null; via: 'header' | 'cookie' | null } {
@@ -225,19 +230,39 @@ function wantsPage(c: Context): boolean {
   return (c.req.method === 'GET' || c.req.method === 'HEAD') && (c.req.header('accept') ?? '').includes('text/html');
 }
 
+/** 429 for an address that sent too many wrong tokens (see SignInLimiter), naming the wait. */
+export class TooManyAttemptsError extends SliceWiseError {
+  constructor(seconds: number) {
+    super(`too many wrong tokens from your address; try again in ${seconds} s`, { status: 429, code: 'too_many_attempts', details: { retryAfterSeconds: seconds } });
+    this.name = 'TooManyAttemptsError';
+  }
+}
+
 /**
  * Requires a valid token on every route but PUBLIC_PATHS; puts the principal in `c.var.principal`. A page request
- * without one is redirected to /login; anything else is 401 with `WWW-Authenticate` (RFC 6750).
+ * without one is redirected to /login; anything else is 401 with `WWW-Authenticate` (RFC 6750). Wrong tokens count
+ * against the client's address (the same budget as /login's, see SignInLimiter); an address over it is answered
+ * 429 before its token is even looked at, or it could go on guessing.
  */
-export function requireToken(store: TokenStore): MiddlewareHandler<{ Variables: AuthVariables }> {
+export function requireToken(store: TokenStore, limiter: SignInLimiter): MiddlewareHandler<{ Variables: AuthVariables }> {
   return async (c, next) => {
     if (PUBLIC_PATHS.has(c.req.path)) return next();
     const { token, via } = presentedToken(c);
+    const address = clientAddress(c);
+    if (token) {
+      const wait = limiter.refusedFor(address);
+      if (wait) {
+        c.header('Retry-After', String(wait));
+        throw new TooManyAttemptsError(wait);
+      }
+    }
     const principal = token ? await store.verify(token) : null;
     if (principal) {
       c.set('principal', principal);
+      c.set('viaCookie', via === 'cookie');
       return next();
     }
+    if (token) limiter.failed(address);
     if (via === 'cookie') deleteCookie(c, SESSION_COOKIE, { path: '/' });
     if (via !== 'header' && wantsPage(c)) {
       const url = new URL(c.req.url);

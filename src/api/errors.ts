@@ -3,6 +3,7 @@ import type { ContentfulStatusCode } from 'hono/utils/http-status';
 import { ZodError } from 'zod';
 import { SliceWiseError } from '../lib/errors.ts';
 import { errorPage } from '../web/pages.ts';
+import type { AuthVariables } from './auth.ts';
 
 interface ErrorBody {
   code: string;
@@ -38,6 +39,8 @@ function describe(err: Error): { status: ContentfulStatusCode; error: ErrorBody 
  */
 export function errorResponse(err: Error, c: Context) {
   const { status, error } = describe(err);
-  if (c.req.path === '/ui' || c.req.path.startsWith('/ui/')) return c.html(errorPage(status, error.message), status);
+  // Any app may use this handler; only the authenticated one sets viaCookie (then its error pages offer to sign out).
+  const signOut = (c as Context<{ Variables: AuthVariables }>).get('viaCookie') === true;
+  if (c.req.path === '/ui' || c.req.path.startsWith('/ui/')) return c.html(errorPage(status, error.message, null, { signOut }), status);
   return c.json({ error }, status);
 }

@@ -2,8 +2,10 @@
  * The browser's way in: a browser cannot put an Authorization header on a navigation, so GET /login shows a form,
  * POST /login checks the token and answers with a cookie that holds it (HttpOnly, SameSite=Strict, Secure over
  * https), and POST /logout clears it. The token travels only in the form's body and the cookie, never in a URL.
+ * Wrong tokens count against the client's address (SignInLimiter, shared with the bearer check): past the limit
+ * the form answers 429 with Retry-After until the window ends.
  */
-import { Hono } from 'hono';
+import { Hono, type Context } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { deleteCookie, setCookie } from 'hono/cookie';
 import { html } from 'hono/html';
@@ -11,6 +13,7 @@ import { z } from 'zod';
 import type { Logger } from '../lib/logger.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { SESSION_COOKIE, type TokenStore } from './auth.ts';
+import { clientAddress, type SignInLimiter } from './sign-in-limit.ts';
 
 const LOGIN_MAX_BYTES = 4096;
 
@@ -60,19 +63,30 @@ function loginPage({ next, message }: { next: string; message?: string }) {
 </html>`;
 }
 
-export function loginRoutes(store: TokenStore, logger: Logger) {
+/** Another site's form cannot sign a browser in (login CSRF) nor out: SameSite=Strict only keeps the cookie off. */
+function refuseCrossSite(c: Context, what: string): void {
+  if (c.req.header('sec-fetch-site') === 'cross-site') throw new SliceWiseError(`${what} from another site is refused`, { status: 403, code: 'forbidden' });
+}
+
+export function loginRoutes(store: TokenStore, logger: Logger, limiter: SignInLimiter) {
   return new Hono()
     .get('/login', (c) => c.html(loginPage({ next: safeNext(c.req.query('next')) })))
     // Anyone may post here before signing in: read no more than a token's worth of form.
     .post('/login', bodyLimit({ maxSize: LOGIN_MAX_BYTES, onError: () => { throw new SliceWiseError(`a sign-in form is at most ${LOGIN_MAX_BYTES} bytes`, { status: 413, code: 'payload_too_large' }); } }), async (c) => {
-      // SameSite=Strict keeps the cookie off cross-site requests; this keeps another site from signing a
-      // browser in with a token of its choosing (login CSRF).
-      if (c.req.header('sec-fetch-site') === 'cross-site') throw new SliceWiseError('sign-in from another site is refused', { status: 403, code: 'forbidden' });
+      refuseCrossSite(c, 'sign-in');
       const form = LoginForm.safeParse(await c.req.parseBody().catch(() => ({})));
       const next = safeNext(form.success ? form.data.next : undefined);
       if (!form.success) return c.html(loginPage({ next, message: form.error.issues[0]!.message }), 400);
+      // Before the token is looked at: an address over the limit learns nothing more, right or wrong.
+      const address = clientAddress(c);
+      const wait = limiter.refusedFor(address);
+      if (wait) {
+        c.header('Retry-After', String(wait));
+        return c.html(loginPage({ next, message: `Too many wrong tokens from your address: try again in ${wait} s.` }), 429);
+      }
       const principal = await store.verify(form.data.token);
       if (!principal) {
+        limiter.failed(address);
         logger.warn('sign-in refused: an unknown or revoked token was entered on /login');
         return c.html(loginPage({ next, message: 'That token is not valid (unknown or revoked).' }), 401);
       }
@@ -82,7 +96,9 @@ export function loginRoutes(store: TokenStore, logger: Logger) {
       logger.info(`signed in on /login: token ${principal.name} (${principal.role})`);
       return c.redirect(next, 303);
     })
+    // POST only (GET /logout is no route): a link or an image cannot sign anyone out.
     .post('/logout', (c) => {
+      refuseCrossSite(c, 'sign-out');
       deleteCookie(c, SESSION_COOKIE, { path: '/' });
       return c.redirect('/login', 303);
     });

@@ -10,6 +10,7 @@ import { ListRunsQuery } from '../runs/input.ts';
 import { bullBoardLinks } from '../runs/reports.ts';
 import { listRuns } from '../runs/service.ts';
 import { demoPageShell, runPageShell, runsListPage } from '../web/pages.ts';
+import type { AuthVariables } from './auth.ts';
 
 const WEB_DIR = fileURLToPath(new URL('../web/', import.meta.url));
 /** Chart.js's UMD build, from node_modules (pinned in package.json): our machines are offline, so no CDN. */
@@ -36,21 +37,21 @@ export interface UiOptions {
 
 /** The web UI: the runs list at /ui, a run's page at /ui/runs/:id, the demo at /ui/demo, and the static files they load. */
 export function uiRoutes(ctx: AppContext, { bullBoard, demo = null }: UiOptions) {
-  return new Hono()
+  return new Hono<{ Variables: AuthVariables }>()
     .get('/', async (c) => {
       const q = ListRunsQuery.parse(c.req.query());
       const page = await listRuns(ctx, q);
-      return c.html(runsListPage({ ...page, status: q.status, bullBoard, demo: Boolean(demo) }));
+      return c.html(runsListPage({ ...page, status: q.status, bullBoard, demo: Boolean(demo), signOut: c.get('viaCookie') }));
     })
     .get('/demo', (c) => {
       if (!demo) throw new SliceWiseError('this server does not serve the demo: start it with `slicewise pipeline --mode demo` or `slicewise api`', { status: 404, code: 'not_found' });
-      return c.html(demoPageShell({ maxUploadBytes: demo.maxUploadBytes, bullBoard }));
+      return c.html(demoPageShell({ maxUploadBytes: demo.maxUploadBytes, bullBoard }, { signOut: c.get('viaCookie') }));
     })
     .get('/runs/:id', async (c) => {
       const { id } = RunIdParam.parse(c.req.param());
       // Also answers 404 (as a page) for an unknown run.
       const links = await bullBoardLinks(ctx, id, bullBoard ?? '');
-      return c.html(runPageShell({ runId: id, bullBoard: bullBoard ? { base: bullBoard, ...links } : null, demo: Boolean(demo) }));
+      return c.html(runPageShell({ runId: id, bullBoard: bullBoard ? { base: bullBoard, ...links } : null, demo: Boolean(demo) }, { signOut: c.get('viaCookie') }));
     })
     .get('/assets/:file', async (c) => {
       const file = c.req.param('file');

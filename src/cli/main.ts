@@ -24,7 +24,8 @@ import { PIPELINE_MODES } from '../runs/input.ts';
 import { TRAINING_MODES } from '../config/schema.ts';
 import { env } from '../env.ts';
 import { pgliteDir } from '../disk/layout.ts';
-import { allowOperatorSources } from '../download/policy.ts';
+import { allowOperatorSources, assertSyntheticCount } from '../download/policy.ts';
+import { parseSource } from '../download/sources.ts';
 import { isLoopback, TokenStore } from '../api/auth.ts';
 import { tokenCommand } from './tokens.ts';
 
@@ -36,6 +37,23 @@ function int(name: string, min = 0) {
     const n = Number(v);
     if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer >= ${min}`);
     return n;
+  };
+}
+
+/**
+ * A --brats-source / --kaggle-source value, checked for its form and, for `synthetic:N`, against the limits
+ * (assertSyntheticCount) while the command line is read: the error names the flag and nothing has started yet.
+ * Where a `path:` may point is createRun's question (it needs the data dir).
+ */
+function sourceFlag(flag: string, dataset: 'brats' | 'kaggle') {
+  return (v: string) => {
+    try {
+      assertSyntheticCount(parseSource(v), dataset, { field: flag });
+    } catch (err) {
+      if (err instanceof SliceWiseError) throw new InvalidArgumentError(err.message.startsWith(flag) ? err.message : `${flag}: ${err.message}`);
+      throw err;
+    }
+    return v;
   };
 }
 
@@ -252,8 +270,8 @@ program
   .addOption(new Option('--mode <mode>', 'which part of the pipeline').choices(PIPELINE_MODES).default('full'))
   .addOption(new Option('--training-mode <mode>', 'quick | baseline | production').choices(TRAINING_MODES).default('quick'))
   .option('--skip-download', 'reuse what is already in the data dir', false)
-  .option('--brats-source <src>', 'synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET', 'synthetic')
-  .option('--kaggle-source <src>', 'same forms as --brats-source', 'synthetic')
+  .option('--brats-source <src>', 'synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET', sourceFlag('--brats-source', 'brats'), 'synthetic')
+  .option('--kaggle-source <src>', 'same forms as --brats-source', sourceFlag('--kaggle-source', 'kaggle'), 'synthetic')
   .option('--brats-layout <spec>', 'modality=pattern pairs for other layouts, e.g. flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz')
   .option('--data-dir <dir>', 'raw data, processed slices, embedded database and Redis files', 'data')
   .option('--max-patients <n>', 'cap the number of patients', int('--max-patients', 1))
@@ -314,9 +332,9 @@ program
   .command('evaluate')
   .description("evaluate a finished run's final model on patients or images it never saw; prints the table and writes multitask_evaluation.json")
   .requiredOption('--run <id>', 'the run whose final model (stage 3 best checkpoint) to evaluate')
-  .option('--brats-source <src>', 'BraTS patients with segmentations: synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET')
+  .option('--brats-source <src>', 'BraTS patients with segmentations: synthetic[:N] | path:DIR_OR_ARCHIVE | https://... | kaggle:OWNER/DATASET', sourceFlag('--brats-source', 'brats'))
   .option('--brats-layout <spec>', 'modality=pattern pairs for other layouts, e.g. flair=Flair_*.nii.gz,seg=OTMultiClass.nii.gz')
-  .option('--kaggle-source <src>', 'tumour / no-tumour images (yes/ and no/ folders), same forms')
+  .option('--kaggle-source <src>', 'tumour / no-tumour images (yes/ and no/ folders), same forms', sourceFlag('--kaggle-source', 'kaggle'))
   .option('--out <dir>', 'where multitask_evaluation.json goes', 'evaluation')
   .option('--data-dir <dir>', 'the data dir the run was made in (its embedded database, and downloads)', 'data')
   .action(async (o) => {

@@ -8,7 +8,7 @@ import { describeSource, type Source } from './sources.ts';
 import { downloadFile } from './fetch.ts';
 import { extractArchive, COMPLETE_MARKER } from './extract.ts';
 import { downloadKaggleDataset } from './kaggle-api.ts';
-import { expandHome } from './policy.ts';
+import { assertSyntheticCount, expandHome } from './policy.ts';
 
 export { parseSource, describeSource, redactUrl, ACCEPTED_SOURCE_FORMS, type Source } from './sources.ts';
 export { downloadFile, type DownloadOptions, type DownloadResult } from './fetch.ts';
@@ -171,6 +171,8 @@ export async function materializeSource(source: Source, destDir: string, opts: M
   // kind, and whatever else changes the result.
   let synth: SynthOptions | undefined;
   if (source.kind === 'synthetic') {
+    // Again here, with this process's limits: the caller's check (the API's, the CLI's) is not this one's.
+    assertSyntheticCount(source, kind);
     const base = { ...opts.synth, out: dest };
     synth =
       kind === 'brats'

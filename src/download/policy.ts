@@ -2,14 +2,17 @@
  * What a run's sources may point at. Anyone who may call the API may name a source, so a `path:` source reads
  * only under the folders the operator allowed (the data dir, SLICEWISE_ALLOWED_ROOTS, and the paths typed on
  * this process's own command line), a URL reaches public addresses only (network.ts), and a run preprocesses
- * at most SLICEWISE_MAX_PATIENTS patients. The API checks at the door (a 400 naming the field); the download
- * step checks again with its own process's settings, because what reaches a worker is not to be trusted.
+ * at most SLICEWISE_MAX_PATIENTS patients, and a `synthetic:N` asks for no more than the generator makes (and, for
+ * Kaggle, than SLICEWISE_MAX_KAGGLE_IMAGES per class). The API and the CLI check at the door (a 400 naming the
+ * field or flag); the download step checks again with its own process's settings, because what reaches a worker
+ * is not to be trusted.
  */
 import { realpath } from 'node:fs/promises';
 import { homedir } from 'node:os';
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from 'node:path';
 import { SliceWiseError } from '../lib/errors.ts';
 import { env } from '../env.ts';
+import { SYNTH_LIMITS } from '../synth/limits.ts';
 import { assertPublicLiteral } from './network.ts';
 import { formatSource, parseSource, type Source } from './sources.ts';
 
@@ -98,9 +101,38 @@ export function assertPatientLimit(count: number, what: string, { field }: { fie
 }
 
 /**
+ * Refuses a `synthetic:N` that asks for more than may be generated: for BraTS, more patients than
+ * SLICEWISE_MAX_PATIENTS or than the generator makes; for Kaggle, more images per class than
+ * SLICEWISE_MAX_KAGGLE_IMAGES (itself at most what the generator makes). Checked before anything is generated:
+ * N images cost disk and CPU whether or not a later step would refuse them. Other sources pass.
+ */
+export function assertSyntheticCount(source: Source, dataset: 'brats' | 'kaggle', { field }: { field?: string } = {}): void {
+  if (source.kind !== 'synthetic' || source.count === undefined) return;
+  const n = source.count;
+  const what = `synthetic:${n}`;
+  const prefix = field ? `${field}: ` : '';
+  if (dataset === 'brats') {
+    assertPatientLimit(n, what, { field });
+    if (n <= SYNTH_LIMITS.patients) return;
+    throw new SliceWiseError(`${prefix}${what}: ${n} patients, more than the synthetic generator makes (${SYNTH_LIMITS.patients})`, {
+      status: 400,
+      code: 'too_many_patients',
+      details: { ...(field ? { field } : {}), count: n, limit: SYNTH_LIMITS.patients },
+    });
+  }
+  const limit = env().maxKaggleImages;
+  if (n <= limit) return;
+  throw new SliceWiseError(`${prefix}${what}: ${n} images per class, more than the limit of ${limit} per class (SLICEWISE_MAX_KAGGLE_IMAGES)`, {
+    status: 400,
+    code: 'too_many_images',
+    details: { ...(field ? { field } : {}), count: n, limit },
+  });
+}
+
+/**
  * A run's source, checked for the run: the form (parseSource), a `path:` under the allowed roots, a URL host
- * that is not a private address literal (DNS is checked again at connect time), a BraTS synthetic count within
- * the patient limit. Returns the spec to store. Errors name `field` (e.g. 'sources.brats').
+ * that is not a private address literal (DNS is checked again at connect time), a synthetic count within the
+ * limits (assertSyntheticCount). Returns the spec to store. Errors name `field` (e.g. 'sources.brats').
  */
 export async function checkRunSource(spec: string, { field, dataset, dataDir }: { field: string; dataset: 'brats' | 'kaggle'; dataDir: string }): Promise<string> {
   let source: Source;
@@ -119,6 +151,6 @@ export async function checkRunSource(spec: string, { field, dataset, dataDir }: 
       throw err;
     }
   }
-  if (source.kind === 'synthetic' && dataset === 'brats' && source.count !== undefined) assertPatientLimit(source.count, `synthetic:${source.count}`, { field });
+  assertSyntheticCount(source, dataset, { field });
   return formatSource(source);
 }

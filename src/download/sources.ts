@@ -77,7 +77,9 @@ export function parseSource(spec: string): Source {
   if (s === 'synthetic') return { kind: 'synthetic' };
   if (s.startsWith('synthetic:')) {
     const n = s.slice('synthetic:'.length);
-    if (!/^\d{1,6}$/.test(n) || Number(n) < 1) throw badSource(s, `count must be a positive integer (got ${JSON.stringify(n)})`);
+    // Only the form here; how many may be generated is policy.ts's question (assertSyntheticCount), which names
+    // the limit. Nine digits keep the number exact and the message short.
+    if (!/^\d{1,9}$/.test(n) || Number(n) < 1) throw badSource(s, `count must be a positive integer of at most 9 digits (got ${JSON.stringify(n.slice(0, 20))})`);
     return { kind: 'synthetic', count: Number(n) };
   }
 

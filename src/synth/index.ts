@@ -4,9 +4,11 @@ import { writeFileAtomic } from '../lib/atomic.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 import { generateBratsPatient, writeBratsPatient, bratsPatientId } from './brats.ts';
 import { writeKaggleImage, type KaggleClass } from './kaggle.ts';
+import { SYNTH_LIMITS } from './limits.ts';
 
 export { bratsPatientId, BRATS_MODALITIES, generateBratsPatient, Rng, deriveSeed } from './brats.ts';
 export { generateKagglePixels, kaggleImageName } from './kaggle.ts';
+export { SYNTH_LIMITS } from './limits.ts';
 
 export interface SynthOptions {
   out: string;
@@ -63,10 +65,10 @@ export function resolveSynthOptions(opts: SynthOptions): ResolvedSynthOptions {
   size.forEach((d, i) => intIn(`size[${i}]`, d, 8, 1024));
   return {
     out: resolve(opts.out),
-    patients: intIn('patients', opts.patients ?? SYNTH_DEFAULTS.patients, 0, 999),
+    patients: intIn('patients', opts.patients ?? SYNTH_DEFAULTS.patients, 0, SYNTH_LIMITS.patients),
     size: [size[0], size[1], size[2]],
-    kaggleYes: intIn('kaggleYes', opts.kaggleYes ?? SYNTH_DEFAULTS.kaggleYes, 0, 999),
-    kaggleNo: intIn('kaggleNo', opts.kaggleNo ?? SYNTH_DEFAULTS.kaggleNo, 0, 999),
+    kaggleYes: intIn('kaggleYes', opts.kaggleYes ?? SYNTH_DEFAULTS.kaggleYes, 0, SYNTH_LIMITS.kaggleImagesPerClass),
+    kaggleNo: intIn('kaggleNo', opts.kaggleNo ?? SYNTH_DEFAULTS.kaggleNo, 0, SYNTH_LIMITS.kaggleImagesPerClass),
     kaggleSize: intIn('kaggleSize', opts.kaggleSize ?? SYNTH_DEFAULTS.kaggleSize, 32, 2048),
     seed: intIn('seed', opts.seed ?? SYNTH_DEFAULTS.seed, 0, 0xffffffff),
   };

@@ -10,7 +10,15 @@ type Html = HtmlEscapedString | Promise<HtmlEscapedString>;
 
 const RUN_STATUSES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 
-function layout(title: string, body: Html, { bullBoard, head, demo = false }: { bullBoard: string | null; head?: Html; demo?: boolean }): Html {
+interface LayoutOptions {
+  bullBoard: string | null;
+  head?: Html;
+  demo?: boolean;
+  /** The visitor came in with the login cookie: the header offers to sign out (a header-token client has nothing to clear). */
+  signOut?: boolean;
+}
+
+function layout(title: string, body: Html, { bullBoard, head, demo = false, signOut = false }: LayoutOptions): Html {
   return html`<!doctype html>
 <html lang="en">
   <head>
@@ -30,6 +38,10 @@ function layout(title: string, body: Html, { bullBoard, head, demo = false }: { 
         ${bullBoard ? html`<a href="${bullBoard}">Queues (Bull Board)</a>` : ''}
         <a href="/healthz">Health</a>
       </nav>
+      ${signOut
+        ? // A form, not a link: POST /logout, so that no link or prefetch can sign anyone out.
+          html`<form class="signout" method="post" action="/logout"><button type="submit" id="sign-out">Sign out</button></form>`
+        : ''}
     </header>
     <main>${body}</main>
   </body>
@@ -59,6 +71,8 @@ export interface RunsListView {
   bullBoard: string | null;
   /** The server serves the demo (/ui/demo). */
   demo?: boolean;
+  /** Offer to sign out (the visitor came in with the login cookie). */
+  signOut?: boolean;
 }
 
 /** The runs list: newest first, filter by status, paged. Refreshes itself while a run on it is still going. */
@@ -104,7 +118,7 @@ export function runsListPage(v: RunsListView): Html {
       ${v.offset + v.runs.length < v.total ? html`<a href="${qs({ status: v.status, offset: v.offset + v.limit })}">older →</a>` : ''}
     </p>`;
   // A whole-page refresh is enough for a list (the run page polls the API instead).
-  return layout('Runs', body, { bullBoard: v.bullBoard, demo: v.demo, head: active ? html`<meta http-equiv="refresh" content="5" />` : undefined });
+  return layout('Runs', body, { bullBoard: v.bullBoard, demo: v.demo, signOut: v.signOut, head: active ? html`<meta http-equiv="refresh" content="5" />` : undefined });
 }
 
 export interface RunPageBoot {
@@ -116,7 +130,7 @@ export interface RunPageBoot {
 }
 
 /** The run page's shell: sections run.js fills from GET /runs/:id, /metrics, /evaluation and /artifacts. */
-export function runPageShell(boot: RunPageBoot): Html {
+export function runPageShell(boot: RunPageBoot, { signOut = false }: { signOut?: boolean } = {}): Html {
   // JSON inside <script>: '<' escaped so no value can close the element.
   const bootJson = JSON.stringify(boot).replace(/</g, '\\u003c');
   const body = html`
@@ -150,7 +164,7 @@ export function runPageShell(boot: RunPageBoot): Html {
     <script type="application/json" id="boot">${raw(bootJson)}</script>
     <script src="/ui/vendor/chart.umd.js"></script>
     <script type="module" src="/ui/assets/run.js"></script>`;
-  return layout(`Run ${boot.runId}`, body, { bullBoard: boot.bullBoard?.base ?? null, demo: boot.demo });
+  return layout(`Run ${boot.runId}`, body, { bullBoard: boot.bullBoard?.base ?? null, demo: boot.demo, signOut });
 }
 
 export interface DemoPageBoot {
@@ -164,7 +178,7 @@ export interface DemoPageBoot {
  * /predict_multitask (one image) or /patient/analyze_stack (a NIfTI volume, or several images as slices) and shows
  * the answer.
  */
-export function demoPageShell(boot: DemoPageBoot): Html {
+export function demoPageShell(boot: DemoPageBoot, { signOut = false }: { signOut?: boolean } = {}): Html {
   const bootJson = JSON.stringify(boot).replace(/</g, '\\u003c');
   const mb = Math.floor(boot.maxUploadBytes / (1024 * 1024));
   const body = html`
@@ -188,13 +202,13 @@ export function demoPageShell(boot: DemoPageBoot): Html {
     <section id="result" class="card" hidden></section>
     <script type="application/json" id="boot">${raw(bootJson)}</script>
     <script type="module" src="/ui/assets/demo.js"></script>`;
-  return layout('Demo', body, { bullBoard: boot.bullBoard, demo: true });
+  return layout('Demo', body, { bullBoard: boot.bullBoard, demo: true, signOut });
 }
 
-export function errorPage(status: number, message: string, bullBoard: string | null = null): Html {
+export function errorPage(status: number, message: string, bullBoard: string | null = null, { signOut = false }: { signOut?: boolean } = {}): Html {
   return layout(
     `Error ${status}`,
     html`<section class="card"><h1>${status === 404 ? 'Not found' : `Error ${status}`}</h1><p class="error">${message}</p><p><a href="/ui">All runs</a></p></section>`,
-    { bullBoard },
+    { bullBoard, signOut },
   );
 }

@@ -7,6 +7,8 @@ import { join } from 'node:path';
 import { and, eq } from 'drizzle-orm';
 import type { Page } from 'playwright-core';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
+import { createApp } from '../../src/api/app.ts';
+import { formatEntry, generateToken, hashToken, SESSION_COOKIE, TokenStore } from '../../src/api/auth.ts';
 import { artifacts, evaluations, metrics } from '../../src/db/schema.ts';
 import type { Harness } from '../helpers/services.ts';
 import { attachHarness } from '../helpers/trained-run.ts';
@@ -115,5 +117,28 @@ describe('the run page of a finished full run', () => {
 
     expect(pageErrors).toEqual([]);
     await page.screenshot({ path: join(OUT, 'run-page.png'), fullPage: true });
+  });
+
+  it('with tokens on: signs in on the form, the run page offers Sign out, and signing out leads back to /login', async () => {
+    const token = generateToken();
+    const store = await TokenStore.open({ inline: formatEntry('browser', 'user', hashToken(token)) });
+    const secured = await browse(createApp(h.ctx, { auth: store }).fetch);
+    try {
+      const { page: p, base: b } = secured;
+      await p.goto(`${b}/ui/runs/${runId}`);
+      expect(new URL(p.url()).pathname).toBe('/login');
+      await p.fill('#token', token);
+      await Promise.all([p.waitForURL(`${b}/ui/runs/${runId}`), p.click('button[type=submit]')]);
+      await p.waitForSelector('body[data-ready="true"]', { timeout: 30_000 });
+      await expect(p.locator('#sign-out').isVisible()).resolves.toBe(true);
+      await p.screenshot({ path: join(OUT, 'run-page-signed-in.png') });
+      await Promise.all([p.waitForURL(`${b}/login`), p.click('#sign-out')]);
+      expect((await p.context().cookies(b)).filter((c) => c.name === SESSION_COOKIE)).toEqual([]);
+      await p.goto(`${b}/ui/runs/${runId}`);
+      expect(new URL(p.url()).pathname).toBe('/login');
+      expect(secured.pageErrors).toEqual([]);
+    } finally {
+      await secured.close();
+    }
   });
 });
