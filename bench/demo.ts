@@ -9,8 +9,11 @@
  *    busy; and, around them, the speed-up plain JavaScript gets from every core right now (parallelSpeedup: on a
  *    shared machine, the ceiling of the 8-client speed-up).
  *    The server is the demo's router (src/api/demo.ts, demoRoutes) with createApp's error handler, over an
- *    InferencePool in the demo's default configuration (one inference thread per core, each with one kernel thread
- *    per core that it uses only while it is the only thread computing: a lone request computes on every core).
+ *    InferencePool in the demo's default configuration (one inference thread per core, each with one compute thread
+ *    per core that it uses only while it is the only thread computing: a lone request computes on every core), on
+ *    the demo's engine: ONNX Runtime by default, tfjs with SLICEWISE_DEMO_ENGINE=tfjs (or `--engine tfjs` when this
+ *    file is run directly), which is how the figures before ONNX Runtime are reproduced; the tables say which ran,
+ *    and a tfjs run writes bench/results/demo-tfjs.json instead of demo.json.
  *    createApp itself is not used: it wants Redis and a database for its other routes, and DemoService resolves
  *    the served run from the database; here a DemoService serves an untrained checkpoint of each preset (speed
  *    does not depend on training) written to a temp dir with saveCheckpoint.
@@ -27,8 +30,8 @@
  *    with every core as kernel threads), the segmentation written as .nii.gz; small preset at 256; median of 3.
  *    predictFiles itself needs a run in the database, so its per-file steps are repeated here.
  *
- *   npx tsx bench/demo.ts              prints tables and writes bench/results/demo.json
- *   npx tsx bench/index.ts --only demo the same, through the bench runner
+ *   npx tsx bench/demo.ts [--engine onnx|tfjs]   prints tables and writes bench/results/demo.json (demo-tfjs.json)
+ *   npx tsx bench/index.ts --only demo            the same, through the bench runner (engine: SLICEWISE_DEMO_ENGINE)
  */
 import { spawnSync } from 'node:child_process';
 import { realpathSync } from 'node:fs';
@@ -308,7 +311,7 @@ async function benchPreset(
   // The demo's defaults (DemoService: one inference thread per core; a kernel thread per core each, or
   // SLICEWISE_DEMO_KERNEL_THREADS).
   const kernelThreads = env().demoKernelThreads ?? availableParallelism();
-  const pool = new InferencePool({ checkpoint: dir, kernelThreads });
+  const pool = new InferencePool({ checkpoint: dir, kernelThreads, imageSize: SIZE });
   const demo = new FixedDemoService({ info: servedInfo(preset, dir, sha), pool });
   const server = await listen(new Hono().onError(errorResponse).route('/', demoRoutes(demo)));
   try {
@@ -336,7 +339,7 @@ async function benchPreset(
       architecture: { base: a.base, depth: a.depth, head_hidden: a.headHidden },
       inference_threads: pool.size,
       kernel_threads_per_thread: kernelThreads,
-      backend: pool.backend ? `${pool.backend.backend}${pool.backend.device ? ` (${pool.backend.device})` : ''}` : null,
+      backend: pool.backend ? `${pool.backend.engine}: ${pool.backend.backend} ${pool.backend.version} (${pool.backend.device})` : null,
       warmup_requests: warm.result.requests,
       segmented: one.answers[0]!.segmented,
       tumor_probability: round(one.answers[0]!.tumor_probability, 3),
@@ -399,7 +402,7 @@ async function benchVolume(work: string): Promise<VolumeBench> {
   await writeCheckpoint('small', dir);
   // predictFiles for one file: min(cores, files) = 1 inference thread, every core a kernel thread.
   const cores = availableParallelism();
-  const pool = new InferencePool({ checkpoint: dir, size: 1, kernelThreads: cores });
+  const pool = new InferencePool({ checkpoint: dir, size: 1, kernelThreads: cores, imageSize: SIZE });
   try {
     await pool.ready;
     const warm = await readFile(join(fixturesRoot(), IMAGE));
@@ -444,6 +447,7 @@ export interface DemoBenchResult {
 
 export async function runDemoBench(): Promise<DemoBenchResult> {
   const started = performance.now();
+  const engine = env().demoEngine;
   // The checkpoints are written from this thread; tfjs's cpu backend is enough to create and save a model.
   await tf.setBackend('cpu');
   const work = await mkdtemp(join(tmpdir(), 'slicewise-bench-demo-'));
@@ -475,6 +479,8 @@ export async function runDemoBench(): Promise<DemoBenchResult> {
     const load_end = os.loadavg().map((l) => round(l, 2));
     return {
       bench: 'demo',
+      /** SLICEWISE_DEMO_ENGINE: what ran the model (each preset's `backend` has its version and threads). */
+      engine,
       date: new Date().toISOString(),
       node: process.version,
       cores: availableParallelism(),
@@ -499,7 +505,8 @@ const x = (v: number) => `${v.toFixed(2)}x`;
 const met = (ok: boolean) => (ok ? 'met' : 'NOT met');
 
 export function printDemoTables(r: DemoBenchResult): void {
-  console.log(`\nPOST /predict_multitask, one ${r.image ? (r.image as { file: string }).file : ''} image at ${SIZE} x ${SIZE} (loopback HTTP, ${r.presets[0]?.inference_threads} inference threads)\n`);
+  console.log(`\nPOST /predict_multitask, one ${r.image ? (r.image as { file: string }).file : ''} image at ${SIZE} x ${SIZE} (loopback HTTP, ${r.presets[0]?.inference_threads} inference threads)`);
+  console.log(`engine: ${r.presets[0]?.backend ?? r.engine}\n`);
   printTable([
     ['preset', 'clients', 'requests', 'p50 ms', 'p95 ms', 'server p50 ms', 'req/s', 'cpu ms/req', 'cores busy'],
     ...r.presets.flatMap((p) =>
@@ -546,9 +553,16 @@ export function printDemoTables(r: DemoBenchResult): void {
 }
 
 async function main(): Promise<void> {
+  const at = process.argv.indexOf('--engine');
+  if (at >= 0) process.env.SLICEWISE_DEMO_ENGINE = process.argv[at + 1] ?? '';
   const result = await runDemoBench();
   printDemoTables(result);
-  await writeResult(resolve(here, 'results/demo.json'), result);
+  await writeResult(resolve(here, demoResultFile(result.engine as string)), result);
+}
+
+/** Where a run's figures go: the default engine's in demo.json, tfjs's beside them (the figures before ONNX Runtime). */
+export function demoResultFile(engine: string): string {
+  return engine === 'onnx' ? 'results/demo.json' : `results/demo-${engine}.json`;
 }
 
 const invoked = process.argv[1] ? pathToFileURL(realpathSync(process.argv[1])).href : '';

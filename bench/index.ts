@@ -4,7 +4,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { printTrainKernelTable, runTrainKernelBench } from 'tfjs-wasm-training/bench';
 import { writeResult } from 'tfjs-wasm-training/bench/table';
 import { env } from '../src/env.ts';
-import { printDemoTables, runDemoBench } from './demo.ts';
+import { demoResultFile, printDemoTables, runDemoBench } from './demo.ts';
 import { printPreprocessTable, runPreprocessBench } from './preprocess.ts';
 import { printQueueTables, runQueueBench } from './queue.ts';
 
@@ -39,7 +39,7 @@ export async function runBenchmarks({ only }: RunBenchmarksOptions = {}): Promis
   if (wanted('demo')) {
     const demo = await runDemoBench();
     printDemoTables(demo);
-    await writeResult(resolve(results, 'demo.json'), demo);
+    await writeResult(resolve(results, '..', demoResultFile(demo.engine as string)), demo);
   }
   if (wanted('queue')) {
     // 100 and 1,000 shards; 10,000 with `npx tsx bench/queue.ts --shards 100,1000,10000` (several minutes more).

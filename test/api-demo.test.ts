@@ -140,7 +140,8 @@ describe('the demo API on the final model of a CI-size full run', () => {
     expect(info.architecture).toEqual({ base: 16, depth: 2, head_hidden: 16, in_channels: 1 });
     expect(info.image_size).toBe(SIZE);
     expect(info.modalities).toEqual(['flair']);
-    expect(info.backend).toMatch(/^(wasm|tensorflow|cpu)$/);
+    expect(info.backend).toMatch(/^(onnxruntime|wasm|tensorflow|cpu)$/);
+    expect(info.engine).toBe(process.env.SLICEWISE_DEMO_ENGINE?.trim().toLowerCase() || 'onnx');
     expect(info.device).toEqual(expect.any(String));
     expect(info.threads).toBe(availableParallelism());
     expect(info.limits).toEqual({ maxUploadBytes: 64 * 1024 * 1024, maxImagePixels: 50_000_000, maxVolumeVoxels: 50_000_000, maxBatchFiles: 32 });

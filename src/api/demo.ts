@@ -334,7 +334,17 @@ export function demoRoutes(demo: DemoService) {
     .get('/demo', (c) => c.redirect('/ui/demo'))
     .get('/model/info', async (c) => {
       const { info, pool } = await demo.model();
-      return c.json({ ...info, backend: pool.backend?.backend ?? null, device: pool.backend?.device ?? null, threads: pool.size, limits: demo.limits });
+      const b = pool.backend;
+      return c.json({
+        ...info,
+        engine: b?.engine ?? null,
+        backend: b?.backend ?? null,
+        engine_version: b?.version ?? null,
+        device: b?.device ?? null,
+        threads: pool.size,
+        compute_threads_per_thread: b?.threads ?? null,
+        limits: demo.limits,
+      });
     })
     .post('/predict_multitask', limit, async (c) => {
       const { t0, p, images } = await readImages(c, false, MultitaskParams);

@@ -294,7 +294,7 @@ export async function predictFiles(opts: PredictOptions): Promise<PredictSummary
   const size = Math.max(1, Math.min(opts.threads ?? cores, items.length));
   const kernelThreads = Math.max(1, Math.floor(cores / size));
   say(`Predicting ${items.length} file(s) with run ${runId}'s final model (${model.checkpoint.dir}, ${model.image_size} x ${model.image_size}, threshold ${threshold}) on ${size} inference thread(s); outputs in ${out}`);
-  const pool = new InferencePool({ checkpoint: model.checkpoint.dir, size, kernelThreads });
+  const pool = new InferencePool({ checkpoint: model.checkpoint.dir, size, kernelThreads, imageSize: model.image_size });
   const images: (ImageRow | undefined)[] = [];
   const volumes: (VolumeRow | undefined)[] = [];
   const failed: (PredictFailure | undefined)[] = [];

@@ -56,17 +56,31 @@ export function camFromBottleneck(model: UNetModel, bottleneck: tf.Tensor4D, cla
     const pooled = bottleneck.mean([1, 2], true);
     return tf.grad((p: tf.Tensor) => model.classify(p as tf.Tensor4D, { training: false }).mul(chosen).sum())(pooled).dataSync() as Float32Array;
   });
-  const a = bottleneck.dataSync() as Float32Array;
+  return camMaps(bottleneck.dataSync() as Float32Array, 'nhwc', [n, h, w, c], weights, size);
+}
+
+/**
+ * camFromBottleneck's maths on plain arrays, for any engine: `activations` are the bottleneck (N x h x w x C for
+ * 'nhwc', tfjs's layout; N x C x h x w for 'nchw', ONNX's), `weights` the N x C gradients of the chosen logits with
+ * respect to the pooled features. Per sample: ReLU(sum over channels of activation x weight) / (h x w), resized to
+ * size x size with half-pixel centres, min-max normalised (a flat map stays 0).
+ */
+export function camMaps(activations: Float32Array, layout: 'nhwc' | 'nchw', [n, h, w, c]: readonly [number, number, number, number], weights: Float32Array, size: number): Float32Array {
+  const a = activations;
+  const hw = h * w;
+  // Where channel k of pixel i is, relative to the sample's start.
+  const pixelStride = layout === 'nhwc' ? c : 1;
+  const channelStride = layout === 'nhwc' ? 1 : hw;
   const area = size * size;
   const out = new Float32Array(n * area);
-  const cam = new Float32Array(h * w);
+  const cam = new Float32Array(hw);
   for (let s = 0; s < n; s++) {
     const wt = weights.subarray(s * c, (s + 1) * c);
-    const base = s * h * w * c;
-    for (let i = 0; i < h * w; i++) {
+    const base = s * hw * c;
+    for (let i = 0; i < hw; i++) {
       let sum = 0;
-      for (let k = 0, o = base + i * c; k < c; k++) sum += a[o + k]! * wt[k]!;
-      cam[i] = sum > 0 ? sum / (h * w) : 0;
+      for (let k = 0, o = base + i * pixelStride; k < c; k++, o += channelStride) sum += a[o]! * wt[k]!;
+      cam[i] = sum > 0 ? sum / hw : 0;
     }
     const up = out.subarray(s * area, (s + 1) * area);
     resizeBilinearHalfPixel(cam, h, w, up, size, size);
@@ -84,7 +98,7 @@ export function camFromBottleneck(model: UNetModel, bottleneck: tf.Tensor4D, cla
 }
 
 /** One channel resized bilinearly, half-pixel centres, edges clamped: tf.image.resizeBilinear(x, size, false, true). */
-function resizeBilinearHalfPixel(src: Float32Array, h: number, w: number, dst: Float32Array, outH: number, outW: number): void {
+export function resizeBilinearHalfPixel(src: Float32Array, h: number, w: number, dst: Float32Array, outH: number, outW: number): void {
   const axis = (o: number, inN: number, outN: number) => {
     const x = (inN / outN) * (o + 0.5) - 0.5;
     const f = Math.floor(x);

@@ -1,7 +1,9 @@
 /**
  * What the demo API and `slicewise predict` do with one upload: an image (JPEG or PNG) or a volume (NIfTI)
  * through the training path's own preprocessing and the model, to the answers the original's demo gave. No HTTP,
- * queue or database code; the inference threads (inference-pool.ts) call these.
+ * queue or database code; the inference threads (inference-pool.ts) call these, with the engine that runs the model:
+ * ONNX Runtime (onnx-engine.ts, the default) or tfjs (tfjsEngine below, SLICEWISE_DEMO_ENGINE=tfjs). Either gets
+ * the same preprocessed input and answers the same outputs; everything else here is shared.
  */
 import * as tf from '@tensorflow/tfjs';
 import sharp from 'sharp';
@@ -9,9 +11,9 @@ import { volumeToSlices } from '../imaging/brats.ts';
 import { kaggleImageToInput, labelComponents } from '../imaging/kaggle.ts';
 import { parseNiftiRaw, type RawNiftiVolume } from '../imaging/nifti.ts';
 import { brainOf, camFromBottleneck, overlayPng } from '../evaluation/gradcam.ts';
-import { predict, toModelInput, type SliceBatch } from '../evaluation/predict.ts';
+import { predict, toModelInput, type PredictOptions, type Predictions, type SliceBatch } from '../evaluation/predict.ts';
 import { SliceWiseError } from '../lib/errors.ts';
-import type { UNetModel } from '../model/unet.ts';
+import type { UNetConfig, UNetModel } from '../model/unet.ts';
 
 export interface AnalyzeOptions {
   /** Model input size (the run's image size). */
@@ -111,7 +113,39 @@ function maskPng(mask: Uint8Array, width: number, height: number): Promise<Buffe
   return sharp(Buffer.from(mask.map((v) => (v ? 255 : 0))), { raw: { width, height, channels: 1 } }).png().toBuffer();
 }
 
-function checkModel(model: UNetModel): void {
+/** What /model/info says about the engine. */
+export interface EngineInfo {
+  /** SLICEWISE_DEMO_ENGINE's value. */
+  engine: 'onnx' | 'tfjs';
+  /** `onnxruntime`, or the tfjs backend (`wasm`, `tensorflow`, `cpu`). */
+  backend: string;
+  /** The library and its version, the threads, in words (the demo page shows it). */
+  device: string;
+  /** The library's version. */
+  version: string;
+  /** Threads one request computes on while it is alone. */
+  threads: number;
+}
+
+/** The model, run by one engine: what analyzeImage and analyzeVolume need of it. */
+export interface ServingEngine {
+  readonly config: UNetConfig;
+  /** One image, computing only what the answer needs (runImageModel's contract). */
+  runImage(batch: SliceBatch, opts: ImageModelOptions): Promise<ImageOutputs>;
+  /** Slices in batches (evaluation/predict.ts's predict contract). */
+  predict(batch: SliceBatch, opts?: PredictOptions): Promise<Predictions>;
+}
+
+/** The tfjs engine: the training code's own forward pass on a loaded model. */
+export function tfjsEngine(model: UNetModel): ServingEngine {
+  return {
+    config: model.config,
+    runImage: (batch, opts) => runImageModel(model, batch, opts),
+    predict: (batch, opts) => predict(model, batch, opts),
+  };
+}
+
+function checkModel(model: ServingEngine): void {
   if (model.config.inChannels !== 1) {
     throw new SliceWiseError(`this model reads ${model.config.inChannels} modalities per slice; the demo takes one image or one volume, so it serves single-modality models only`, {
       status: 422,
@@ -174,7 +208,7 @@ export async function runImageModel(model: UNetModel, batch: SliceBatch, { segme
 }
 
 /** One JPEG or PNG: the Kaggle path's brain mask and z-score, then the model. */
-export async function analyzeImage(model: UNetModel, bytes: Uint8Array, name: string, req: ImageRequest): Promise<ImageAnalysis> {
+export async function analyzeImage(model: ServingEngine, bytes: Uint8Array, name: string, req: ImageRequest): Promise<ImageAnalysis> {
   checkModel(model);
   const { imageSize: size, threshold = 0.5, minObjectSize = 50, segmentFrom = 0.3 } = req;
   const input = await kaggleImageToInput(bytes, { imageSize: size });
@@ -188,7 +222,7 @@ export async function analyzeImage(model: UNetModel, bytes: Uint8Array, name: st
     camPng = overlayPng(input.image, cam, brainOf(input.image, 'kaggle'), size);
     camPng.catch(() => {}); // awaited below; not an unhandled rejection if the decoder throws first
   };
-  const out = await runImageModel(model, batch, { segment: wants, gradcam: req.gradcam, onCam });
+  const out = await model.runImage(batch, { segment: wants, gradcam: req.gradcam, onCam });
   const segmentation = out.seg ? segmentationOf(out.seg, input.image, input.brainMask, size, threshold, minObjectSize) : null;
   const [gradcam_png, seg] = await Promise.all([camPng as Promise<Buffer> | null, segmentation]);
   return { classification: classification(out.p), segmentation: seg, gradcam_png, image_size: size };
@@ -262,12 +296,12 @@ function sliceGrey(volume: RawNiftiVolume, k: number, [lo, hi]: [number, number]
  * resized back to the slice's grid, thresholded and cleaned of small objects per slice; the tumour volume in ml
  * from the voxel size.
  */
-export async function analyzeVolume(model: UNetModel, bytes: Uint8Array, name: string, { imageSize, threshold = 0.5, minObjectSize = 50, sliceOverlays = false }: VolumeRequest): Promise<VolumeAnalysis> {
+export async function analyzeVolume(model: ServingEngine, bytes: Uint8Array, name: string, { imageSize, threshold = 0.5, minObjectSize = 50, sliceOverlays = false }: VolumeRequest): Promise<VolumeAnalysis> {
   checkModel(model);
   const volume = await parseNiftiRaw(bytes, name);
   const [nx, ny, nz] = volume.dims;
   const slices = volumeToSlices(volume, null, { imageSize });
-  const preds = await predict(model, { images: slices.images, n: nz, size: imageSize, channels: 1 }, { nativeSize: [nx, ny] });
+  const preds = await model.predict({ images: slices.images, n: nz, size: imageSize, channels: 1 }, { nativeSize: [nx, ny] });
   const labels = new Uint8Array(nx * ny * nz);
   const plane = new Uint8Array(nx * ny);
   const perSlice: SliceResult[] = [];

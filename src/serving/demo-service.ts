@@ -5,7 +5,7 @@
  */
 import type { Db } from '../db/client.ts';
 import { env } from '../env.ts';
-import { InferencePool } from './inference-pool.ts';
+import { InferencePool, type EngineName } from './inference-pool.ts';
 import { resolveServedModel, type ServedModel } from './served-model.ts';
 
 export interface DemoLimits {
@@ -27,6 +27,8 @@ export interface DemoServiceOptions {
   fromRun?: string;
   /** Inference threads. Default: one per core. */
   threads?: number;
+  /** What runs the model. Default: SLICEWISE_DEMO_ENGINE, else `onnx`. */
+  engine?: EngineName;
   limits?: Partial<DemoLimits>;
   /**
    * How often, at most, a request (or /model/info) makes the service look for a newer model: the newest succeeded
@@ -62,7 +64,8 @@ export class DemoService {
   }
 
   private async startPool(info: ServedModel): Promise<InferencePool> {
-    const pool = new InferencePool({ checkpoint: info.checkpoint.dir, size: this.opts.threads, kernelThreads: env().demoKernelThreads });
+    const e = env();
+    const pool = new InferencePool({ checkpoint: info.checkpoint.dir, size: this.opts.threads, kernelThreads: e.demoKernelThreads, engine: this.opts.engine ?? e.demoEngine, imageSize: info.image_size });
     try {
       await pool.ready;
     } catch (err) {

@@ -10,17 +10,23 @@ import { availableParallelism } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { SliceWiseError } from '../lib/errors.ts';
-import type { BackendInfo } from '../model/engine.ts';
+import { env } from '../env.ts';
 import { reviveError, type SerializedError } from '../workers/step-threads.ts';
-import type { ImageAnalysis, ImageRequest, VolumeAnalysis, VolumeRequest } from './analyze.ts';
+import type { EngineInfo, ImageAnalysis, ImageRequest, VolumeAnalysis, VolumeRequest } from './analyze.ts';
 
 const ENTRY = fileURLToPath(new URL('./inference-thread.mjs', import.meta.url));
 /** Replacements in a row that may fail to load before the pool stops replacing (a checkpoint deleted meanwhile, say). */
 const MAX_FAILED_RESTARTS = 3;
 
+export type EngineName = 'onnx' | 'tfjs';
+
 export interface InferenceThreadData {
   checkpoint: string;
-  /** Kernel threads per inference thread (wasm). */
+  /** What runs the model (SLICEWISE_DEMO_ENGINE). */
+  engine: EngineName;
+  /** The image size to prepare the engine for while loading (ORT builds its graphs per size); undefined: on first use. */
+  imageSize?: number;
+  /** Compute threads per inference thread: ORT intra-op threads, or tfjs wasm kernel threads. */
   threads: number;
   /**
    * One Int32 per thread of the pool, 1 while that thread computes a request: a thread splits its convolutions over
@@ -36,7 +42,7 @@ export type InferenceRequest =
   | { op: 'volume'; id: number; bytes: ArrayBuffer; name: string; request: VolumeRequest };
 
 export type InferenceReply =
-  | { type: 'ready'; backend: BackendInfo }
+  | { type: 'ready'; backend: EngineInfo }
   | { type: 'failed'; error: SerializedError }
   | { type: 'done'; id: number; result: unknown }
   | { type: 'error'; id: number; error: SerializedError };
@@ -48,11 +54,15 @@ export interface InferencePoolOptions {
   /** Inference threads. Default: one per core. */
   size?: number;
   /**
-   * Kernel threads per inference thread. Default: one per core: a request alone on the server computes on every
-   * core, and while several threads compute, each runs on its own thread only (the shared busy count), so that
-   * concurrent requests do not fight over the cores.
+   * Compute threads per inference thread (ORT intra-op threads, or tfjs kernel threads). Default: one per core: a
+   * request alone on the server computes on every core, and while several threads compute, each runs on one thread
+   * only (the shared busy count), so that concurrent requests do not fight over the cores.
    */
   kernelThreads?: number;
+  /** What runs the model. Default: SLICEWISE_DEMO_ENGINE, else `onnx`. */
+  engine?: EngineName;
+  /** The model's input size, to build the engine's graphs while loading rather than on the first request. Default: none. */
+  imageSize?: number;
   /** The thread's entry module. Default: ./inference-thread.mjs. For tests: an entry that wraps that one. */
   entry?: string;
 }
@@ -91,15 +101,15 @@ export class InferencePool {
   private readonly entry: string;
   /** Resolves once every thread has loaded the model; rejects with the first thread's loading error. */
   readonly ready: Promise<void>;
-  /** The tfjs backend and device the threads run on (as the first thread to load reported it); null until ready. */
-  backend: BackendInfo | null = null;
+  /** The engine, backend and device the threads run on (as the first thread to load reported it); null until ready. */
+  backend: EngineInfo | null = null;
   /** Threads that died while serving and were replaced (for /model/info and the tests). */
   restarts = 0;
 
-  constructor({ checkpoint, size = availableParallelism(), kernelThreads = availableParallelism(), entry = ENTRY }: InferencePoolOptions) {
+  constructor({ checkpoint, size = availableParallelism(), kernelThreads = availableParallelism(), entry = ENTRY, engine = env().demoEngine, imageSize }: InferencePoolOptions) {
     const n = Math.max(1, size);
     this.busy = new SharedArrayBuffer(4 * n);
-    this.threadData = { checkpoint, threads: Math.max(1, kernelThreads), busy: this.busy };
+    this.threadData = { checkpoint, engine, imageSize, threads: Math.max(1, kernelThreads), busy: this.busy };
     this.entry = entry;
     const starts: Promise<void>[] = [];
     for (let i = 0; i < n; i++) starts.push(this.start(i));

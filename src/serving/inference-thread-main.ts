@@ -4,32 +4,53 @@
  * event loop stays free for other requests and /healthz.
  */
 import { parentPort, workerData } from 'node:worker_threads';
+import * as tf from '@tensorflow/tfjs';
 import { loadModel } from '../evaluation/predict.ts';
 import { initBackend, setSimdThreadGate } from '../model/engine.ts';
 import { serializeError } from '../workers/step-threads.ts';
-import { analyzeImage, analyzeVolume } from './analyze.ts';
+import { analyzeImage, analyzeVolume, tfjsEngine, type EngineInfo, type ServingEngine } from './analyze.ts';
 import type { InferenceReply, InferenceRequest, InferenceThreadData } from './inference-pool.ts';
+import { OnnxEngine } from './onnx-engine.ts';
 
 const port = parentPort!;
-const { checkpoint, threads, busy, busyIndex } = workerData as InferenceThreadData;
+const { checkpoint, threads, busy, busyIndex, engine: engineName, imageSize } = workerData as InferenceThreadData;
 const computing = new Int32Array(busy);
-// Each thread owns `threads` kernel threads. A request alone on the server splits its convolutions over them (all
-// the cores for one request: its latency); while another thread computes too, each stays on its own thread, so
-// that N concurrent requests run on N cores side by side instead of 2N threads taking turns on them. Checked per
-// convolution: a request that started alone gives up its helpers as soon as a second one arrives.
-setSimdThreadGate(() => {
-  for (let i = 0; i < computing.length; i++) if (i !== busyIndex && Atomics.load(computing, i) !== 0) return false;
-  return true;
-});
-const started = (async () => {
-  const backend = await initBackend({ threads });
-  return { backend, model: (await loadModel(checkpoint)).model };
-})();
-const ready = started.then((s) => s.model);
+// Each thread owns `threads` compute threads (ORT intra-op threads, or tfjs's wasm kernel threads). A request alone
+// on the server computes on all of them (all the cores for one request: its latency); while another thread
+// computes too, each stays on one, so that N concurrent requests run on N cores side by side instead of 2N threads
+// taking turns on them. tfjs checks this per convolution (its thread gate); ORT per session run (the engine keeps
+// one-thread sessions for it), so a request that started alone gives up its helpers at its next run.
+const othersBusy = (): boolean => {
+  for (let i = 0; i < computing.length; i++) if (i !== busyIndex && Atomics.load(computing, i) !== 0) return true;
+  return false;
+};
+
+async function start(): Promise<{ engine: ServingEngine; info: EngineInfo }> {
+  if (engineName === 'tfjs') {
+    setSimdThreadGate(() => !othersBusy());
+    const backend = await initBackend({ threads });
+    const { model } = await loadModel(checkpoint);
+    return { engine: tfjsEngine(model), info: { engine: 'tfjs', backend: backend.backend, device: backend.device, version: tf.version_core, threads } };
+  }
+  // tfjs only reads the checkpoint here (its verified loader), on the plain cpu backend: no wasm kernel threads are
+  // started for it. PROD silences tfjs's "install tfjs-node" banner, which this thread's cpu backend would print.
+  tf.env().set('PROD', true);
+  await tf.setBackend('cpu');
+  const { model } = await loadModel(checkpoint);
+  try {
+    const onnx = await OnnxEngine.create(model, { imageSize, threads, othersBusy });
+    return { engine: onnx, info: onnx.info };
+  } finally {
+    model.dispose(); // the engine holds its own copy of the weights
+  }
+}
+
+const started = start();
+const ready = started.then((s) => s.engine);
 ready.catch(() => {}); // reported below, and again to each request that awaits it
 // Reported once, at start: a checkpoint that cannot load is the pool's error, not each request's.
 started.then(
-  ({ backend }) => port.postMessage({ type: 'ready', backend } satisfies InferenceReply),
+  ({ info }) => port.postMessage({ type: 'ready', backend: info } satisfies InferenceReply),
   (err) => port.postMessage({ type: 'failed', error: serializeError(err) } satisfies InferenceReply),
 );
 
