@@ -24,6 +24,7 @@ import { link, mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { performance } from 'node:perf_hooks';
 import { Queue, QueueEvents, Worker, type Job } from 'bullmq';
 import pg from 'pg';
 import { printTable, writeResult } from 'tfjs-wasm-training/bench/table';
@@ -59,6 +60,8 @@ export interface FlowFigure {
   per_shard_ms: number;
   /** Coordinator start to the first shard taken: discovering the patients and adding their jobs. */
   first_shard_ms: number;
+  /** The share of the run the worker process's main thread was busy (event loop utilisation, 0-1). */
+  main_thread_busy: number;
   /** Coordinator start to preprocess_brats done (its collect phase included). */
   step_ms: number;
   /**
@@ -228,7 +231,7 @@ async function startFleet(opts: { kind: DbKind; serverUrl?: string; redisUrl: st
 }
 
 /** One data-only run on `fleet` whose preprocess_brats fans out `shards` patients of `dataset`. */
-async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; imageSize: number }): Promise<{ ms: number; firstMs: number; stepMs: number; cpuMs: number }> {
+async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; imageSize: number }): Promise<{ ms: number; firstMs: number; stepMs: number; cpuMs: number; mainBusy: number }> {
   const { ctx, host } = fleet;
   const cleanup: (() => Promise<unknown>)[] = [];
   let runDir: string | undefined;
@@ -258,10 +261,12 @@ async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; 
     let t0 = 0;
     let tStep = 0;
     let cpu0: NodeJS.CpuUsage | undefined;
+    let elu0: ReturnType<typeof performance.eventLoopUtilization> | undefined;
     const onActive = (job: Job) => {
       if (job.name === 'preprocess_brats' && job.data.runId === runId && !t0) {
         t0 = Date.now();
         cpu0 = process.cpuUsage();
+        elu0 = performance.eventLoopUtilization();
       }
     };
     let finalized = false;
@@ -291,12 +296,13 @@ async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; 
       await sleep(100);
     }
     const cpu = process.cpuUsage(cpu0);
+    const elu = performance.eventLoopUtilization(elu0);
     const settle = Date.now() + 5000;
     while (shardsDone < opts.shards && Date.now() < settle) await sleep(50);
     if (shardsDone !== opts.shards) throw new Error(`expected ${opts.shards} completed shards, saw ${shardsDone}`);
     // finalize writes pipeline_results.json after the run's verdict: the run's folder is removed after that.
     while (!finalized && Date.now() < settle) await sleep(20);
-    return { ms: last - t0, firstMs: first - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000 };
+    return { ms: last - t0, firstMs: first - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000, mainBusy: elu.utilization };
   } finally {
     for (const c of cleanup) await c();
     if (runDir) await rm(runDir, { recursive: true, force: true });
@@ -351,6 +357,7 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
             ms: Math.round(r.ms),
             per_shard_ms: round(r.ms / n),
             first_shard_ms: Math.round(r.firstMs),
+            main_thread_busy: round(r.mainBusy),
             step_ms: Math.round(r.stepMs),
             cpu_per_shard_ms: round(r.cpuMs / n),
             floor_ms: Math.round(floorMs),
@@ -419,8 +426,8 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
 export function printQueueTables(r: QueueBenchResult): void {
   if (r.postgres_note) console.log(`Postgres: ${r.postgres_note}`);
   printTable([
-    ['tiny shards (32 x 32 x 8)', 'shards', 'total ms', 'ms per shard', 'cpu ms per shard', 'first shard ms', 'step ms', 'bare BullMQ ms per job', 'ratio'],
-    ...r.tiny.map((f) => [f.db, String(f.shards), String(f.ms), f.per_shard_ms.toFixed(2), f.cpu_per_shard_ms.toFixed(2), String(f.first_shard_ms), String(f.step_ms), f.floor_per_job_ms.toFixed(3), `${f.ratio}x`]),
+    ['tiny shards (32 x 32 x 8)', 'shards', 'total ms', 'ms per shard', 'cpu ms per shard', 'main thread busy', 'first shard ms', 'step ms', 'bare BullMQ ms per job', 'ratio'],
+    ...r.tiny.map((f) => [f.db, String(f.shards), String(f.ms), f.per_shard_ms.toFixed(2), f.cpu_per_shard_ms.toFixed(2), `${Math.round(f.main_thread_busy * 100)} %`, String(f.first_shard_ms), String(f.step_ms), f.floor_per_job_ms.toFixed(3), `${f.ratio}x`]),
   ]);
   console.log('');
   if (r.scale_out_note) console.log(`scale-out: ${r.scale_out_note}`);
