@@ -685,6 +685,41 @@ describe.skipIf(noNibabel !== null)(`agreement with nibabel${noNibabel ? ` (skip
   }, 120_000);
 });
 
+describe('z-score of 16-bit volumes', () => {
+  // Below 65,536 voxels the statistics are summed directly, above it through a histogram: both must give the
+  // z-score computed here in float64, with the file's scaling applied.
+  for (const [datatype, dims] of [
+    ['int16', [24, 24, 8]],
+    ['int16', [48, 48, 32]],
+    ['uint16', [24, 24, 8]],
+    ['uint16', [48, 48, 32]],
+  ] as const) {
+    it(`${datatype} ${dims.join(' x ')} (${dims[0] * dims[1] * dims[2]} voxels)`, async () => {
+      const [nx, ny, nz] = dims;
+      const n = nx * ny * nz;
+      const signed = datatype === 'int16';
+      const data = signed ? Int16Array.from({ length: n }, (_, i) => ((i * 7919) % 60001) - 30000) : Uint16Array.from({ length: n }, (_, i) => (i * 104729) % 65521);
+      const [slope, inter] = [0.5, -3];
+      const file = path.join(tmp, `zscore-${datatype}-${n}.nii`);
+      await writeNifti(file, { dims: [nx, ny, nz], datatype, data, sclSlope: slope, sclInter: inter });
+      const vol = await readNiftiRaw(file);
+      const values = Array.from(data, (v) => v * slope + inter);
+      const mean = values.reduce((a, v) => a + v, 0) / n;
+      const std = Math.sqrt(values.reduce((a, v) => a + (v - mean) ** 2, 0) / n);
+      const r = volumeToSlices(vol, null, { imageSize: nx, keep: 'all' });
+      expect(r.images.length).toBe(nz * nx * ny);
+      // Sorted per slice: the orientation of a slice is not this test's question.
+      for (let z = 0; z < nz; z++) {
+        const got = Array.from(r.images.subarray(z * nx * ny, (z + 1) * nx * ny)).sort((a, b) => a - b);
+        const want = values.slice(z * nx * ny, (z + 1) * nx * ny).map((v) => (v - mean) / std).sort((a, b) => a - b);
+        let worst = 0;
+        for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs(got[i]! - want[i]!));
+        expect(worst).toBeLessThan(1e-5);
+      }
+    });
+  }
+});
+
 describe('preprocessPatient errors', () => {
   const dims = [10, 10, 4];
   const count = 400;

@@ -505,15 +505,25 @@ function volumeStats(v: RawNiftiVolume, scratch: Float32Array): { mean: number; 
   if (bpe <= 2 && !(raw instanceof Float32Array)) {
     // 8- and 16-bit integers: a histogram pass (one increment per voxel, monomorphic on each array type), then
     // the moments from the histogram. Exact, and several times faster than accumulating doubles per voxel.
-    const { hist, offset } = integerHistogram(raw as Int16Array | Uint16Array | Uint8Array | Int8Array);
     let sum = 0;
     let sq = 0;
-    for (let b = 0; b < hist.length; b++) {
-      const c = hist[b]!;
-      if (c === 0) continue;
-      const val = b - offset;
-      sum += c * val;
-      sq += c * val * val;
+    if (bpe === 2 && n < 65536) {
+      // A volume with fewer voxels than a 16-bit histogram has bins (a tiny patient): summed directly, which for
+      // integers this size is just as exact, without allocating and scanning 65,536 bins.
+      for (let i = 0; i < n; i++) {
+        const val = raw[i]!;
+        sum += val;
+        sq += val * val;
+      }
+    } else {
+      const { hist, offset } = integerHistogram(raw as Int16Array | Uint16Array | Uint8Array | Int8Array);
+      for (let b = 0; b < hist.length; b++) {
+        const c = hist[b]!;
+        if (c === 0) continue;
+        const val = b - offset;
+        sum += c * val;
+        sq += c * val * val;
+      }
     }
     const m = sum / n;
     mean = m * slope + inter;
