@@ -40,7 +40,6 @@ import type { Server } from 'node:http';
 import os, { availableParallelism, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { Worker } from 'node:worker_threads';
 import { serve } from '@hono/node-server';
 import * as tf from '@tensorflow/tfjs';
 import { Hono } from 'hono';
@@ -56,6 +55,7 @@ import { createUNet, PRESETS, type PresetName } from '../src/model/unet.ts';
 import { DemoService, type ServingModel } from '../src/serving/demo-service.ts';
 import { InferencePool } from '../src/serving/inference-pool.ts';
 import type { ServedModel } from '../src/serving/served-model.ts';
+import { parallelSpeedup } from './machine.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const SIZE = 256;
@@ -154,27 +154,6 @@ async function listen(app: Hono): Promise<{ url: string; close(): Promise<void> 
     server.keepAliveTimeout = 120_000;
     server.once('error', rej);
   });
-}
-
-/**
- * The speed-up the machine gives right now: the same fixed piece of plain JavaScript work (~0.5 s) in one worker
- * thread, then in one thread per core at once, then in one thread again; units of work per second, all cores over
- * the faster single thread. ~2.0 on an idle
- * 2-core machine; other work on a shared machine lowers it. It is the ceiling of the 8-client speed-up measured
- * next to it. (Throughput, not CPU time: a busy host can take a vCPU away without the guest's clock noticing.)
- */
-async function parallelSpeedup(): Promise<number> {
-  const code = `const { parentPort } = require('node:worker_threads'); let x = 0; for (let i = 0; i < 6e7; i++) x += Math.sqrt(i); parentPort.postMessage(x);`;
-  const run = async (n: number): Promise<number> => {
-    const t0 = performance.now();
-    await Promise.all(Array.from({ length: n }, () => new Promise((res, rej) => new Worker(code, { eval: true }).once('message', res).once('error', rej))));
-    return n / (performance.now() - t0);
-  };
-  // One thread before and after: the faster of the two, so that a slow moment there does not inflate the ratio.
-  const before = await run(1);
-  const all = await run(availableParallelism());
-  const after = await run(1);
-  return round(all / Math.max(before, after), 2);
 }
 
 interface Answer {
