@@ -99,6 +99,7 @@ export const ENV_KNOBS = {
   noInstall: knob('SLICEWISE_NO_INSTALL', '`0`', '`1`: never install redis-server with apt-get', flag),
   trainPool: knob('SLICEWISE_TRAIN_POOL', '`1`', 'training jobs running at once across all train workers (the GPU pool)', positiveInt(1)),
   lockMs: knob('SLICEWISE_LOCK_MS', '`60000`', 'lock of a preprocess/download/split job; a killed worker\'s job is taken over (stalled) after at most this', positiveInt(60_000)),
+  shardRowsMs: knob('SLICEWISE_SHARD_ROWS_MS', '`250`', 'how long a finished patient shard\'s row may wait to be written with others (a run\'s per-patient status lags by as much; the coordinator writes every row once its shards are done)', positiveInt(250)),
   eventsMaxLen: knob('SLICEWISE_EVENTS_MAX_LEN', '`1000`', 'entries kept in each queue\'s BullMQ event stream (it feeds live listeners; the history lives in Postgres)', positiveInt(1000)),
   trainLockMs: knob('SLICEWISE_TRAIN_LOCK_MS', '`120000`', 'lock of a training job; a killed train worker\'s job is taken over after this', positiveInt(120_000)),
   redisDeadlineMs: knob('SLICEWISE_REDIS_DEADLINE_MS', '`60000`', 'a `slicewise pipeline` run whose Redis stays unreachable this long fails, with that reason; an outage is logged every 10 s (a third of this when shorter)', positiveInt(60_000)),

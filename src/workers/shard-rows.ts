@@ -8,11 +8,12 @@
  */
 import type { AppContext } from '../context.ts';
 import type { Db } from '../db/client.ts';
+import { env } from '../env.ts';
 import type { Logger } from '../lib/logger.ts';
 import { countPatients, stepDoneAtLeast, upsertPatients, type PatientRowWrite } from '../runs/store.ts';
 
 export interface ShardRowWriterOptions {
-  /** How long a finished shard's row may wait to be written with others. Default: 250 ms. */
+  /** How long a finished shard's row may wait to be written with others. Default: 250 ms (SLICEWISE_SHARD_ROWS_MS). */
   intervalMs?: number;
   /** Rows kept while the database is away; past it the oldest are left to the coordinator. Default: 100,000. */
   maxQueued?: number;
@@ -97,7 +98,7 @@ const writers = new WeakMap<AppContext, ShardRowWriter>();
 /** The context's writer (one per worker process in production). */
 export function shardRowWriter(ctx: AppContext): ShardRowWriter {
   let w = writers.get(ctx);
-  if (!w) writers.set(ctx, (w = new ShardRowWriter(ctx.db, ctx.logger)));
+  if (!w) writers.set(ctx, (w = new ShardRowWriter(ctx.db, ctx.logger, { intervalMs: env().shardRowsMs })));
   return w;
 }
 
