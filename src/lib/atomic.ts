@@ -1,5 +1,5 @@
 import { writeFileSync } from 'node:fs';
-import { mkdir, readdir, rename, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -7,11 +7,15 @@ import { SliceWiseError } from './errors.ts';
 
 /**
  * Temporary names carry host and pid: a process killed mid-write (kill -9, out of memory) leaves its temporary
- * behind, and a later writer there removes those whose process is gone. Only this host's: a pid says nothing
- * about another machine sharing the data dir. No '-' in the host part, so the name parses back.
+ * behind, and a later writer there removes those whose process is gone. A pid says nothing about another machine
+ * sharing the data dir, so another host's temporaries go only once they are older than any write takes
+ * (OTHER_HOST_STALE_MS). No '-' in the host part, so the name parses back.
  */
 const HOST = hostname().replace(/[^A-Za-z0-9_.]/g, '_');
 const STALE = /\.(?:tmp|old)-([A-Za-z0-9_.]+)-(\d+)-[0-9a-f]{8}$/;
+
+/** A temporary of another host untouched this long belongs to no write in progress: the longest takes minutes. */
+export const OTHER_HOST_STALE_MS = 24 * 3600_000;
 
 function tempSuffix(what: 'tmp' | 'old'): string {
   return `.${what}-${HOST}-${process.pid}-${randomBytes(4).toString('hex')}`;
@@ -27,17 +31,25 @@ function processAlive(pid: number): boolean {
 }
 
 /**
- * Removes the temporaries that dead writers on this host left in `parent`. For an owner of a folder of many outputs
- * (a run's processed patients) once its writers are done: the writers themselves sweep a folder only the first time
- * they write there, as listing a folder of thousands of patients for each of them made a run quadratic.
+ * Removes the temporaries that dead writers left in `parent` (see HOST above). For an owner of a folder of many
+ * outputs (a run's processed patients) once its writers are done: the writers themselves sweep a folder only the
+ * first time they write there, as listing a folder of thousands of patients for each of them made a run quadratic.
  */
 export async function sweepDeadWriters(parent: string): Promise<void> {
   const entries = await readdir(parent).catch(() => [] as string[]);
   for (const e of entries) {
     const m = STALE.exec(e);
-    if (!m || m[1] !== HOST) continue;
-    const pid = Number(m[2]);
-    if (pid !== process.pid && !processAlive(pid)) await rm(join(parent, e), { recursive: true, force: true }).catch(() => undefined);
+    if (!m) continue;
+    const path = join(parent, e);
+    let dead: boolean;
+    if (m[1] === HOST) {
+      const pid = Number(m[2]);
+      dead = pid !== process.pid && !processAlive(pid);
+    } else {
+      const modified = await stat(path).then((st) => st.mtimeMs, () => Date.now());
+      dead = Date.now() - modified > OTHER_HOST_STALE_MS;
+    }
+    if (dead) await rm(path, { recursive: true, force: true }).catch(() => undefined);
   }
 }
 
