@@ -138,6 +138,10 @@ describe('the demo API on the final model of a CI-size full run', () => {
     expect(recorded?.sha256).toBe(info.checkpoint.sha256);
     expect(info.preset).toBe('small');
     expect(info.architecture).toEqual({ base: 16, depth: 2, head_hidden: 16, in_channels: 1 });
+    // A parameter is refused naming it, not ignored (`?run=` does not pick another model).
+    const asked = await app.request('/model/info?run=run-x');
+    expect(asked.status).toBe(400);
+    expect(JSON.stringify(await json(asked))).toMatch(/\brun\b.*takes no query parameters|takes no query parameters.*\brun\b/);
     expect(info.image_size).toBe(SIZE);
     expect(info.modalities).toEqual(['flair']);
     expect(info.backend).toMatch(/^(onnxruntime|wasm|tensorflow|cpu)$/);

@@ -191,6 +191,9 @@ async function receive(c: Context, demo: DemoService, { batch }: { batch: boolea
   return { files, fields };
 }
 
+/** GET /model/info takes no parameters: one sent is a mistake to name (e.g. `?run=` hoping to pick a model), not to ignore. */
+const ModelInfoQuery = z.record(z.string(), z.never({ error: 'GET /model/info takes no query parameters (the served model is chosen when the server starts: --from-run)' }));
+
 function params<T extends z.ZodType>(schema: T, c: Context, fields: Record<string, string>): z.infer<T> {
   return schema.parse({ ...fields, ...c.req.query() });
 }
@@ -333,6 +336,7 @@ export function demoRoutes(demo: DemoService) {
   return new Hono()
     .get('/demo', (c) => c.redirect('/ui/demo'))
     .get('/model/info', async (c) => {
+      ModelInfoQuery.parse(c.req.query());
       const { info, pool } = await demo.model();
       const b = pool.backend;
       return c.json({
