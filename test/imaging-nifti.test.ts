@@ -1,5 +1,6 @@
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -265,6 +266,26 @@ describe('readNifti on small volumes written here', () => {
     const file = path.join(tmp, 'four-d.nii.gz');
     await writeNifti(file, { dims: [4, 3, 2, 2], datatype: 'int16', data: Array.from({ length: 48 }, (_, i) => i), gzip: true });
     await expectDataFileError(readNifti(file), file, /4-D volume \(4x3x2x2\) where a 3-D volume was expected/);
+  });
+});
+
+describe('readNifti from a named pipe, and from a device', () => {
+  // Why it is read without blocking (a worker's forced stop must not hang on it) is test/faults/signals.faults.ts's.
+  it('reads a volume that a writer streams into a FIFO after the read began', async () => {
+    const file = path.join(tmp, 'streamed.nii.gz');
+    execFileSync('mkfifo', [file]);
+    const data = Uint8Array.from({ length: 40 * 40 * 30 }, (_, i) => i % 251);
+    const bytes = gzipSync(encodeNifti({ dims: [40, 40, 30], datatype: 'uint8', data }));
+    const reading = readNiftiRaw(file);
+    await new Promise((r) => setTimeout(r, 300));
+    await writeFile(file, bytes);
+    const v = await reading;
+    expect(v.dims).toEqual([40, 40, 30]);
+    expect(Buffer.from(v.raw.buffer, v.raw.byteOffset, v.raw.byteLength).equals(Buffer.from(data))).toBe(true);
+  });
+
+  it('a device is refused naming it', async () => {
+    await expectDataFileError(readNifti('/dev/zero'), '/dev/zero', /not a regular file/);
   });
 });
 

@@ -6,8 +6,8 @@
  * converts element types natively, instead of per-voxel DataView calls.
  */
 import buffer from 'node:buffer';
-import { readFileSync, statSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { constants as fsConstants, readFileSync, statSync } from 'node:fs';
+import { open, readFile } from 'node:fs/promises';
 import { constants as zlibConstants, gunzip, gunzipSync } from 'node:zlib';
 import { promisify } from 'node:util';
 import * as nifti from 'nifti-reader-js';
@@ -112,12 +112,54 @@ function headerCopy(buf: Buffer, n: number): ArrayBuffer {
  */
 const SMALL_FILE = 256 * 1024;
 
+/** A named pipe is read up to this much (a file's size is known; a pipe's is not). */
+const MAX_PIPE_BYTES = 4 * 2 ** 30;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * A named pipe (a volume another program streams in): opened without blocking and read as its data arrives. A
+ * blocking open or read would hold the thread in a system call until a writer came, and a thread held there cannot
+ * be stopped: a worker's forced stop (a second SIGTERM) would hang on it instead of exiting.
+ */
+async function readPipe(file: string): Promise<Buffer> {
+  const fh = await open(file, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
+  try {
+    const chunks: Buffer[] = [];
+    let total = 0;
+    for (;;) {
+      const buf = Buffer.allocUnsafe(1 << 16);
+      let n: number;
+      try {
+        n = (await fh.read(buf, 0, buf.length, null)).bytesRead;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
+        n = -1; // a writer is there, its data is not yet
+      }
+      if (n > 0) {
+        chunks.push(buf.subarray(0, n));
+        total += n;
+        if (total > MAX_PIPE_BYTES) throw new DataFileError(file, `a named pipe that sends more than ${MAX_PIPE_BYTES / 2 ** 30} GiB`);
+        continue;
+      }
+      // End of data once something came; before that, no writer has come yet.
+      if (n === 0 && total > 0) break;
+      await sleep(10);
+    }
+    return Buffer.concat(chunks, total);
+  } finally {
+    await fh.close();
+  }
+}
+
 async function readRaw(file: string): Promise<Buffer> {
   try {
-    // Only a regular file: a pipe or a device may block, and it must not block the thread.
     const st = statSync(file);
-    return st.isFile() && st.size < SMALL_FILE ? readFileSync(file) : await readFile(file);
+    if (st.isFile()) return st.size < SMALL_FILE ? readFileSync(file) : await readFile(file);
+    if (st.isFIFO()) return await readPipe(file);
+    if (st.isDirectory()) return await readFile(file); // EISDIR, said below
+    throw new DataFileError(file, 'is not a regular file (a device or a socket), so not a NIfTI file');
   } catch (err) {
+    if (err instanceof DataFileError) throw err;
     const code = (err as NodeJS.ErrnoException).code;
     const cause = { cause: err };
     if (code === 'ENOENT') throw new DataFileError(file, 'file not found', cause);
