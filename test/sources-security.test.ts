@@ -5,6 +5,7 @@
  * the destination, or more patients than the limit. Real Redis and PGlite behind the real app, real servers on
  * loopback, real archives built here.
  */
+import type { AppContext } from '../src/context.ts';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -72,6 +73,12 @@ async function startServer(handler: http.RequestListener): Promise<{ url: string
         server.close(() => r());
       }),
   };
+}
+
+/** What a download step's body gets for a run row that reached the worker with these sources (not through the API). */
+function forgedDownload(h: { ctx: AppContext; dataDir: string }, id: string, sources: { brats: string; kaggle: string }): InProcessContext<RunJobData> {
+  const run = { id, dataDir: h.dataDir, sources: { ...sources, skipDownload: false }, config: loadConfig({ trainingMode: 'quick' }) } as unknown as RunRow;
+  return { ctx: h.ctx, run, config: run.config, signal: new AbortController().signal, progress: async () => {}, log: () => {} } as unknown as InProcessContext<RunJobData>;
 }
 
 async function caught(p: Promise<unknown>): Promise<SliceWiseError> {
@@ -197,13 +204,7 @@ describe('POST /runs: sources', () => {
 
   it('the download step refuses a synthetic:N over its own process\'s cap before generating anything', async () => {
     process.env.SLICEWISE_MAX_KAGGLE_IMAGES = '3';
-    const run = {
-      id: 'run-forged-count',
-      dataDir: h.dataDir,
-      sources: { brats: 'synthetic', kaggle: 'synthetic:4', skipDownload: false },
-      config: loadConfig({ trainingMode: 'quick' }),
-    } as unknown as RunRow;
-    const s = { ctx: h.ctx, run, config: run.config, signal: new AbortController().signal, progress: async () => {}, log: () => {} } as unknown as InProcessContext<RunJobData>;
+    const s = forgedDownload(h, 'run-forged-count', { brats: 'synthetic', kaggle: 'synthetic:4' });
     const err = await caught(downloadDataset('kaggle', s));
     expect(err.code).toBe('too_many_images');
     expect(err.message).toMatch(/synthetic:4: 4 images per class, more than the limit of 3 per class/);
@@ -211,13 +212,7 @@ describe('POST /runs: sources', () => {
   });
 
   it("the download step refuses a path the worker's roots do not allow, whatever the run row says", async () => {
-    const run = {
-      id: 'run-forged',
-      dataDir: h.dataDir,
-      sources: { brats: 'path:/etc', kaggle: 'synthetic', skipDownload: false },
-      config: loadConfig({ trainingMode: 'quick' }),
-    } as unknown as RunRow;
-    const s = { ctx: h.ctx, run, config: run.config, signal: new AbortController().signal, progress: async () => {}, log: () => {} } as unknown as InProcessContext<RunJobData>;
+    const s = forgedDownload(h, 'run-forged', { brats: 'path:/etc', kaggle: 'synthetic' });
     const err = await caught(downloadDataset('brats', s));
     expect(err.code).toBe('path_not_allowed');
     expect(err.message).toContain('sources.brats');
