@@ -5,8 +5,6 @@ import { availableParallelism } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { Worker } from 'node:worker_threads';
 
-const round = (x: number, digits = 2): number => Math.round(x * 10 ** digits) / 10 ** digits;
-
 /**
  * The speed-up the machine gives right now: the same fixed piece of plain JavaScript work (~0.5 s) in one worker
  * thread, then in one thread per core at once, then in one thread again; units of work per second, all cores over
@@ -26,6 +24,6 @@ export async function parallelSpeedup(): Promise<number> {
   const before = await run(1);
   const all = await run(availableParallelism());
   const after = await run(1);
-  return round(all / Math.max(before, after), 2);
+  return Math.round((all / Math.max(before, after)) * 100) / 100;
 }
 
