@@ -41,10 +41,13 @@ export function startCli(args: string[], { env, cwd, fileSizeLimitKb }: { env: N
   };
   proc.stdout!.on('data', feed);
   proc.stderr!.on('data', feed);
-  const exited = new Promise<number | string>((res) => proc.once('exit', (code, sig) => res(code ?? sig ?? -1)));
+  // 'close', not 'exit': 'exit' can come before the last of the child's output has been read from its pipes.
+  const exited = new Promise<number | string>((res) => proc.once('close', (code, sig) => res(code ?? sig ?? -1)));
   let done = false;
-  exited.then(() => {
+  let how = '';
+  exited.then((codeOrSignal) => {
     done = true;
+    how = typeof codeOrSignal === 'number' ? `exit code ${codeOrSignal}` : `signal ${codeOrSignal}`;
     for (const w of waiters.splice(0)) w();
   });
   return {
@@ -63,7 +66,7 @@ export function startCli(args: string[], { env, cwd, fileSizeLimitKb }: { env: N
             res();
           } else if (done) {
             clearTimeout(timer);
-            rej(new Error(`process exited before printing ${pattern}:\n${out.slice(-3000)}`));
+            rej(new Error(`process exited (${how}) before printing ${pattern}:\n${out.slice(-3000)}`));
           } else waiters.push(check);
         };
         check();

@@ -22,6 +22,7 @@ export function runCli(args: string[], cwd: string, env: NodeJS.ProcessEnv = bar
       stdout += d;
     });
     p.stderr.on('data', (d) => (out += d));
-    p.on('exit', (code) => resolve({ code, out, stdout }));
+    // 'close', not 'exit': 'exit' can come before the last of the output has been read from the pipes.
+    p.on('close', (code) => resolve({ code, out, stdout }));
   });
 }
