@@ -17,10 +17,10 @@
  *
  *   npx tsx bench/queue.ts [--shards 100,1000,10000] [--db pglite,postgres] [--no-scale-out]
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { realpathSync } from 'node:fs';
-import { link, mkdir, mkdtemp, readdir, rm } from 'node:fs/promises';
+import { link, mkdir, mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { cpus, tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
@@ -78,9 +78,19 @@ export interface FlowFigure {
 
 export interface ScaleOutFigure {
   processes: number;
+  /** Each worker process confined to a core of its own (taskset), as one machine per worker would give it. */
+  pinned: boolean;
   shards: number;
   ms: number;
   per_shard_ms: number;
+  /** Coordinator start to the first shard taken: the part of the run no worker process can share. */
+  first_shard_ms: number;
+  /**
+   * CPU time of the worker processes (all their threads) over the run's wall time: how many cores they kept busy.
+   * One process above 1.0 already uses part of the second core (its main thread and libuv's threads read and
+   * inflate the next shard while its step thread computes), which a second process can then only share.
+   */
+  worker_cores_busy: number;
 }
 
 export interface QueueBenchResult {
@@ -97,6 +107,10 @@ export interface QueueBenchResult {
   scale_out: ScaleOutFigure[];
   scale_out_note?: string;
   scale_out_ratio?: number;
+  /** The same, each worker process on a core of its own. */
+  scale_out_ratio_pinned?: number;
+  /** Why that series is missing, when it is. */
+  scale_out_pinned_note?: string;
   /** The machine's own speed-up from a second core, before and after the scale-out runs (bench/machine.ts). */
   machine_speedup_ceiling?: number[];
   goal: { per_shard_ms: number; scale_out_ratio: number };
@@ -193,10 +207,26 @@ interface Fleet {
   dataDir: string;
   /** Output of the worker processes, for an error message. */
   out: string[];
+  /** CPU time so far of the worker processes (all threads), ms. */
+  procCpuMs(): Promise<number>;
   close(): Promise<void>;
 }
 
-async function startFleet(opts: { kind: DbKind; serverUrl?: string; redisUrl: string; dataDir: string; preprocessProcs?: number }): Promise<Fleet> {
+/** Whether worker processes can each be given a core of their own: taskset (util-linux) and 2 cores or more. */
+function canPin(): boolean {
+  return cpus().length >= 2 && spawnSync('taskset', ['--version'], { stdio: 'ignore' }).status === 0;
+}
+
+/** utime + stime of a process, all its threads, from /proc (Linux): ms. */
+async function processCpuMs(pid: number): Promise<number> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command name (which may hold spaces, so split after its closing parenthesis): utime is the
+  // 14th field, stime the 15th, in clock ticks (100 per second on Linux).
+  const rest = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return ((Number(rest[11]) + Number(rest[12])) * 1000) / 100;
+}
+
+async function startFleet(opts: { kind: DbKind; serverUrl?: string; redisUrl: string; dataDir: string; preprocessProcs?: number; pinned?: boolean }): Promise<Fleet> {
   const db = await benchDb(opts.kind, opts.serverUrl);
   const prefix = `swbench${randomBytes(3).toString('hex')}`;
   const ctx = createContext({ db: db.db, redisUrl: opts.redisUrl, dataDir: opts.dataDir, prefix, logger: createLogger('bench', 'warn') });
@@ -213,7 +243,9 @@ async function startFleet(opts: { kind: DbKind; serverUrl?: string; redisUrl: st
   };
   try {
     for (let i = 0; i < external; i++) {
-      const p = spawn(process.execPath, [BIN, 'worker', '--queues', 'preprocess', '--concurrency', '1', '--data-dir', opts.dataDir], {
+      const args = [BIN, 'worker', '--queues', 'preprocess', '--concurrency', '1', '--data-dir', opts.dataDir];
+      // taskset execs node: the pid stays the worker's own.
+      const p = spawn(opts.pinned ? 'taskset' : process.execPath, opts.pinned ? ['-c', String(i % cpus().length), process.execPath, ...args] : args, {
         env: { ...process.env, REDIS_URL: opts.redisUrl, DATABASE_URL: db.url, SLICEWISE_QUEUE_PREFIX: prefix, LOG_LEVEL: 'warn' },
         stdio: ['ignore', 'pipe', 'pipe'],
       });
@@ -230,11 +262,15 @@ async function startFleet(opts: { kind: DbKind; serverUrl?: string; redisUrl: st
     await close();
     throw err;
   }
-  return { ctx, host, dataDir: opts.dataDir, out, close };
+  const procCpuMs = async () => (await Promise.all(procs.map((p) => processCpuMs(p.pid!)))).reduce((a, b) => a + b, 0);
+  return { ctx, host, dataDir: opts.dataDir, out, procCpuMs, close };
 }
 
 /** One data-only run on `fleet` whose preprocess_brats fans out `shards` patients of `dataset`. */
-async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; imageSize: number }): Promise<{ ms: number; firstMs: number; stepMs: number; cpuMs: number; mainBusy: number }> {
+async function timedRun(
+  fleet: Fleet,
+  opts: { dataset: Dataset; shards: number; imageSize: number },
+): Promise<{ ms: number; firstMs: number; stepMs: number; cpuMs: number; workerCpuMs: number; mainBusy: number }> {
   const { ctx, host } = fleet;
   const cleanup: (() => Promise<unknown>)[] = [];
   let runDir: string | undefined;
@@ -284,6 +320,7 @@ async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; 
       pipelineWorker.off('active', onActive);
       pipelineWorker.off('completed', onCompleted);
     });
+    const workerCpu0 = await fleet.procCpuMs();
     const { run } = await createRun(ctx, {
       mode: 'data-only',
       trainingMode: 'quick',
@@ -299,13 +336,14 @@ async function timedRun(fleet: Fleet, opts: { dataset: Dataset; shards: number; 
       await sleep(100);
     }
     const cpu = process.cpuUsage(cpu0);
+    const workerCpuMs = (await fleet.procCpuMs()) - workerCpu0;
     const elu = performance.eventLoopUtilization(elu0);
     const settle = Date.now() + 5000;
     while (shardsDone < opts.shards && Date.now() < settle) await sleep(50);
     if (shardsDone !== opts.shards) throw new Error(`expected ${opts.shards} completed shards, saw ${shardsDone}`);
     // finalize writes pipeline_results.json after the run's verdict: the run's folder is removed after that.
     while (!finalized && Date.now() < settle) await sleep(20);
-    return { ms: last - t0, firstMs: first - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000, mainBusy: elu.utilization };
+    return { ms: last - t0, firstMs: first - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000, workerCpuMs, mainBusy: elu.utilization };
   } finally {
     for (const c of cleanup) await c();
     if (runDir) await rm(runDir, { recursive: true, force: true });
@@ -383,29 +421,43 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
     else {
       const cpuData = await makeDataset(join(dataDir, 'bench-sources', 'cpu'), CPU_BOUND_PATIENTS, CPU_BOUND);
       const warm = await makeDataset(join(dataDir, 'bench-sources', 'cpu-warm'), 4, CPU_BOUND);
-      // Both fleets up at once (idle workers only wait on Redis), their runs interleaved, three each: the machine's
-      // load drifts under a bench, and interleaving spreads it over both sides.
-      const fleets = new Map<number, Fleet>();
+      // All fleets up at once (idle workers only wait on Redis), their runs interleaved, three each: the machine's
+      // load drifts under a bench, and interleaving spreads it over every series. Two series: worker processes as
+      // the OS schedules them on this one machine, and each on a core of its own, as a machine per worker would
+      // give it (the coordinator, Redis and Postgres still share both cores with them).
+      const fleets: Array<{ procs: number; pinned: boolean; fleet: Fleet }> = [];
       try {
-        for (const procs of [1, 2]) {
-          const fleet = await startFleet({ kind: 'postgres', serverUrl: server.url, redisUrl, dataDir, preprocessProcs: procs });
-          fleets.set(procs, fleet);
-          await timedRun(fleet, { dataset: warm, shards: 4, imageSize: CPU_BOUND_SIZE });
+        for (const pinned of canPin() ? [false, true] : [false]) {
+          for (const procs of [1, 2]) {
+            const fleet = await startFleet({ kind: 'postgres', serverUrl: server.url, redisUrl, dataDir, preprocessProcs: procs, pinned });
+            fleets.push({ procs, pinned, fleet });
+            await timedRun(fleet, { dataset: warm, shards: 4, imageSize: CPU_BOUND_SIZE });
+          }
         }
         ceiling.push(await parallelSpeedup());
         for (let rep = 0; rep < 3; rep++) {
-          for (const [procs, fleet] of fleets) {
+          for (const { procs, pinned, fleet } of fleets) {
             const r = await timedRun(fleet, { dataset: cpuData, shards: CPU_BOUND_PATIENTS, imageSize: CPU_BOUND_SIZE });
-            scale.push({ processes: procs, shards: CPU_BOUND_PATIENTS, ms: Math.round(r.ms), per_shard_ms: round(r.ms / CPU_BOUND_PATIENTS) });
-            console.error(`queue bench: ${CPU_BOUND_PATIENTS} CPU-bound shards on ${procs} worker process(es): ${(r.ms / 1000).toFixed(2)} s`);
+            scale.push({
+              processes: procs,
+              pinned,
+              shards: CPU_BOUND_PATIENTS,
+              ms: Math.round(r.ms),
+              per_shard_ms: round(r.ms / CPU_BOUND_PATIENTS),
+              first_shard_ms: Math.round(r.firstMs),
+              worker_cores_busy: round(r.workerCpuMs / r.ms),
+            });
+            console.error(
+              `queue bench: ${CPU_BOUND_PATIENTS} CPU-bound shards on ${procs} worker process(es)${pinned ? ', each on a core of its own' : ''}: ${(r.ms / 1000).toFixed(2)} s, ${(r.workerCpuMs / r.ms).toFixed(2)} cores busy`,
+            );
           }
         }
         ceiling.push(await parallelSpeedup());
       } finally {
-        for (const f of fleets.values()) await f.close();
+        for (const f of fleets) await f.fleet.close();
       }
     }
-    const best = (p: number) => Math.min(...scale.filter((s) => s.processes === p).map((s) => s.ms));
+    const best = (p: number, pinned: boolean) => Math.min(...scale.filter((s) => s.processes === p && s.pinned === pinned).map((s) => s.ms));
     return {
       bench: 'queue',
       date: new Date().toISOString(),
@@ -421,7 +473,13 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
       tiny,
       scale_out: scale,
       ...(scaleNote ? { scale_out_note: scaleNote } : {}),
-      ...(scale.length ? { scale_out_ratio: round(best(1) / best(2)), machine_speedup_ceiling: ceiling } : {}),
+      ...(scale.length
+        ? {
+            scale_out_ratio: round(best(1, false) / best(2, false)),
+            ...(scale.some((f) => f.pinned) ? { scale_out_ratio_pinned: round(best(1, true) / best(2, true)) } : { scale_out_pinned_note: 'skipped: needs taskset (util-linux) and 2 cores' }),
+            machine_speedup_ceiling: ceiling,
+          }
+        : {}),
       goal: { per_shard_ms: 3, scale_out_ratio: 1.8 },
     };
   } finally {
@@ -440,10 +498,20 @@ export function printQueueTables(r: QueueBenchResult): void {
   if (r.scale_out_note) console.log(`scale-out: ${r.scale_out_note}`);
   else {
     printTable([
-      [`CPU-bound shards (${CPU_BOUND.join(' x ')})`, 'shards', 'total ms', 'ms per shard'],
-      ...r.scale_out.map((s) => [`${s.processes} worker process(es)`, String(s.shards), String(s.ms), s.per_shard_ms.toFixed(1)]),
+      [`CPU-bound shards (${CPU_BOUND.join(' x ')})`, 'shards', 'total ms', 'ms per shard', 'first shard ms', 'worker cores busy'],
+      ...r.scale_out.map((s) => [
+        `${s.processes} worker process(es)${s.pinned ? ', a core each' : ''}`,
+        String(s.shards),
+        String(s.ms),
+        s.per_shard_ms.toFixed(1),
+        String(s.first_shard_ms),
+        s.worker_cores_busy.toFixed(2),
+      ]),
     ]);
-    console.log(`two processes / one (best of each): ${r.scale_out_ratio}x (goal ${r.goal.scale_out_ratio}x); the machine's own speed-up from its second core, before / after: ${(r.machine_speedup_ceiling ?? []).map((c) => `${c}x`).join(' / ')}`);
+    console.log(
+      `two processes / one (best of each): ${r.scale_out_ratio}x as the OS places them, ${r.scale_out_ratio_pinned ? `${r.scale_out_ratio_pinned}x` : `not measured (${r.scale_out_pinned_note})`} with a core each (goal ${r.goal.scale_out_ratio}x); ` +
+        `the machine's own speed-up from its second core, before / after: ${(r.machine_speedup_ceiling ?? []).map((c) => `${c}x`).join(' / ')}`,
+    );
   }
 }
 
