@@ -112,28 +112,34 @@ export async function upsertPatient(db: Db, row: PatientRowWrite): Promise<void>
 export async function upsertPatients(db: Db, rows: PatientRowWrite[]): Promise<void> {
   // One statement may not touch a row twice (ON CONFLICT would refuse it): the later write of a patient wins.
   const unique = [...new Map(rows.map((r) => [`${r.runId}\u0000${r.patientId}`, r])).values()];
-  // 1,000 rows a statement: a run's 10,000 patients in one would pass Postgres's 65,535 parameters.
+  // 1,000 rows a statement: a run's 10,000 patients are ten short statements, not one that holds its locks long.
   for (let i = 0; i < unique.length; i += 1000) await upsertPatientChunk(db, unique.slice(i, i + 1000));
 }
 
+/**
+ * The rows go in as one array per column, unnested by the server: seven parameters whatever the row count. A
+ * multi-row VALUES list built by the query builder cost ~0.05 ms of CPU per row on the client (measured: 80 rows,
+ * 4.0 ms against 0.6 ms on Postgres, 7.9 against 4.1 on PGlite), paid on the main thread of a worker that is
+ * acknowledging shards meanwhile.
+ */
 async function upsertPatientChunk(db: Db, unique: PatientRowWrite[]): Promise<void> {
-  const now = new Date();
-  await db
-    .insert(patients)
-    // Every row names every column: a multi-row insert fills a column one row leaves out with its default.
-    .values(unique.map((r) => ({ slices: null, tumorSlices: null, outputDir: null, error: null, ...r, updatedAt: now })))
-    .onConflictDoUpdate({
-      target: [patients.runId, patients.patientId],
-      // A patient already done stays done: a late duplicate 'pending' must not undo it.
-      set: {
-        status: sql`case when ${patients.status} = 'done' and excluded.status = 'pending' then ${patients.status} else excluded.status end`,
-        slices: sql`coalesce(excluded.slices, ${patients.slices})`,
-        tumorSlices: sql`coalesce(excluded.tumor_slices, ${patients.tumorSlices})`,
-        outputDir: sql`coalesce(excluded.output_dir, ${patients.outputDir})`,
-        error: sql`excluded.error`,
-        updatedAt: now,
-      },
-    });
+  const column = <T>(pick: (r: PatientRowWrite) => T) => sql.param(unique.map(pick));
+  await db.execute(sql`
+    insert into ${patients} (run_id, patient_id, status, slices, tumor_slices, output_dir, error, updated_at)
+    select r.run_id, r.patient_id, r.status, r.slices, r.tumor_slices, r.output_dir, r.error, now()
+    from unnest(
+      ${column((r) => r.runId)}::text[], ${column((r) => r.patientId)}::text[], ${column((r) => r.status)}::text[],
+      ${column((r) => r.slices ?? null)}::int[], ${column((r) => r.tumorSlices ?? null)}::int[],
+      ${column((r) => r.outputDir ?? null)}::text[], ${column((r) => r.error ?? null)}::text[]
+    ) as r(run_id, patient_id, status, slices, tumor_slices, output_dir, error)
+    on conflict (run_id, patient_id) do update set
+      -- A patient already done stays done: a late duplicate 'pending' must not undo it.
+      status = case when ${patients}.status = 'done' and excluded.status = 'pending' then ${patients}.status else excluded.status end,
+      slices = coalesce(excluded.slices, ${patients}.slices),
+      tumor_slices = coalesce(excluded.tumor_slices, ${patients}.tumor_slices),
+      output_dir = coalesce(excluded.output_dir, ${patients}.output_dir),
+      error = excluded.error,
+      updated_at = now()`);
 }
 
 /**
