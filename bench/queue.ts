@@ -37,7 +37,7 @@ import { redactPassword } from '../src/lib/redact.ts';
 import { createRedis } from '../src/queues/connection.ts';
 import { runPaths } from '../src/disk/layout.ts';
 import { createRun } from '../src/runs/service.ts';
-import { getRunRow } from '../src/runs/store.ts';
+import { countPatients, getRunRow } from '../src/runs/store.ts';
 import { synthesize } from '../src/synth/index.ts';
 import { startWorkers, type WorkerHost } from '../src/workers/host.ts';
 import { freshDb, type DbKind } from '../test/helpers/db.ts';
@@ -266,6 +266,24 @@ async function startFleet(opts: { kind: DbKind; serverUrl?: string; redisUrl: st
   return { ctx, host, dataDir: opts.dataDir, out, procCpuMs, close };
 }
 
+/** The Redis time (ms) of the newest completion of one of `runId`'s shard jobs on the preprocess queue's event stream. */
+async function lastShardCompletion(ctx: AppContext, runId: string): Promise<number> {
+  const key = `${ctx.prefix}:preprocess:events`;
+  let end = '+';
+  // Newest first, a page at a time: later events of the queue (another run's, the Kaggle step's) come before it.
+  for (;;) {
+    const page = (await ctx.redis.xrevrange(key, end, '-', 'COUNT', 500)) as Array<[string, string[]]>;
+    for (const [id, fields] of page) {
+      const f = new Map<string, string>();
+      for (let i = 0; i + 1 < fields.length; i += 2) f.set(fields[i]!, fields[i + 1]!);
+      const jobId = f.get('jobId') ?? '';
+      if (f.get('event') === 'completed' && jobId.startsWith(`${runId}.`) && jobId.includes('.patient.')) return Number(id.split('-')[0]);
+    }
+    if (page.length < 500) throw new Error(`no completion of a shard of run ${runId} on ${key}`);
+    end = `(${page[page.length - 1]![0]}`;
+  }
+}
+
 /** One data-only run on `fleet` whose preprocess_brats fans out `shards` patients of `dataset`. */
 async function timedRun(
   fleet: Fleet,
@@ -276,26 +294,23 @@ async function timedRun(
   let runDir: string | undefined;
   let runId = '';
   try {
-    // The last shard: the latest completion event of this run's shard jobs on the queue's event stream (its entry
-    // id is a Redis timestamp in ms). Completed shard jobs themselves are trimmed from Redis (SHARD_RETENTION).
+    // Shard times come from the queue's event stream (an entry's id is a Redis timestamp in ms; completed shard
+    // jobs themselves are trimmed from Redis, SHARD_RETENTION). The first shard's start is watched live, and the
+    // listener stops once it is seen; the last completion is read back after the run: a listener reading every
+    // event while the shards run would spend the measured process's CPU (one XREAD and its parsing per shard or so).
     const eventsConn = createRedis(ctx.redisUrl);
     const events = new QueueEvents('preprocess', { connection: eventsConn, prefix: ctx.prefix });
-    let shardsDone = 0;
-    let last = 0;
     let first = 0;
+    let stopWatching: Promise<void> | undefined;
+    const stop = () => (stopWatching ??= events.close().then(() => eventsConn.disconnect()));
     events.on('active', ({ jobId: id }, eventId) => {
-      if (runId && id.startsWith(`${runId}.`) && id.includes('.patient.') && !first) first = Number(eventId.split('-')[0]);
-    });
-    events.on('completed', ({ jobId: id }, eventId) => {
-      if (!runId || !id.startsWith(`${runId}.`) || !id.includes('.patient.')) return;
-      shardsDone++;
-      last = Math.max(last, Number(eventId.split('-')[0]));
+      if (!first && runId && id.startsWith(`${runId}.`) && id.includes('.patient.')) {
+        first = Number(eventId.split('-')[0]);
+        void stop();
+      }
     });
     await events.waitUntilReady();
-    cleanup.push(async () => {
-      await events.close();
-      eventsConn.disconnect();
-    });
+    cleanup.push(stop);
     const pipelineWorker = host.workers.find((w) => w.name === 'pipeline')!;
     let t0 = 0;
     let tStep = 0;
@@ -339,8 +354,9 @@ async function timedRun(
     const workerCpuMs = (await fleet.procCpuMs()) - workerCpu0;
     const elu = performance.eventLoopUtilization(elu0);
     const settle = Date.now() + 5000;
-    while (shardsDone < opts.shards && Date.now() < settle) await sleep(50);
-    if (shardsDone !== opts.shards) throw new Error(`expected ${opts.shards} completed shards, saw ${shardsDone}`);
+    const done = (await countPatients(ctx.db, run.id)).done;
+    if (done !== opts.shards) throw new Error(`expected ${opts.shards} patients done, the run has ${done}`);
+    const last = await lastShardCompletion(ctx, run.id);
     // finalize writes pipeline_results.json after the run's verdict: the run's folder is removed after that.
     while (!finalized && Date.now() < settle) await sleep(20);
     return { ms: last - t0, firstMs: first - t0, stepMs: tStep - t0, cpuMs: (cpu.user + cpu.system) / 1000, workerCpuMs, mainBusy: elu.utilization };
