@@ -522,11 +522,21 @@ describe('slicewise api', () => {
         clearTimeout(timer);
         resolve({ out, code });
       });
-      cleanups.push(() => void p.kill('SIGKILL'));
+      // SIGTERM, not -9: the API then stops its private redis-server (a killed one would leave it running).
+      cleanups.push(async () => {
+        if (p.exitCode !== null || p.signalCode !== null) return;
+        const gone = new Promise((r) => p.once('exit', r));
+        p.kill('SIGTERM');
+        const force = setTimeout(() => p.kill('SIGKILL'), 10_000);
+        await gone;
+        clearTimeout(force);
+      });
     });
   }
-  const cleanups: (() => void)[] = [];
-  afterAll(() => cleanups.forEach((f) => f()));
+  const cleanups: (() => Promise<void>)[] = [];
+  afterAll(async () => {
+    for (const f of cleanups) await f();
+  });
 
   it('refuses to serve an open API on 0.0.0.0, telling how to make a token', async () => {
     // A database that cannot be reached: should the refusal ever come after start-up, this fails fast with
@@ -546,11 +556,11 @@ describe('slicewise api', () => {
     expect((await fetch(`${base}/runs`)).status).toBe(401);
     expect((await fetch(`${base}/runs`, { headers: { authorization: `Bearer ${tokens.user}` } })).status).toBe(200);
     expect((await fetch(`${base}/healthz`)).status).toBe(200);
-    cleanups.pop()!();
+    await cleanups.pop()!();
 
     const open = await serveUntil(['--host', '127.0.0.1', '--port', '0', '--data-dir', join(dir, 'api2')], /allowed only on loopback\n/, { ...env, SLICEWISE_TOKENS_FILE: '' });
     expect(open.out).toContain('no tokens configured (SLICEWISE_TOKENS_FILE); the API is open, which is allowed only on loopback');
     expect((await fetch(`${open.url}/runs`)).status).toBe(200);
-    cleanups.pop()!();
+    await cleanups.pop()!();
   }, 90_000);
 });
