@@ -8,7 +8,7 @@ import { SliceWiseError } from '../lib/errors.ts';
 import { within } from '../queues/connection.ts';
 import { env } from '../env.ts';
 import { redisDir } from '../disk/layout.ts';
-import { writeJsonAtomic } from '../lib/atomic.ts';
+import { processAlive, writeJsonAtomic } from '../lib/atomic.ts';
 
 export class RedisMissingError extends SliceWiseError {
   constructor(extra = '') {
@@ -112,18 +112,9 @@ interface RedisOwner {
 
 const OWNER_FILE = 'owner.json';
 
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
-
 /** Whether `pid` is a slicewise (node) process now, not one that took the number of one that has gone. */
 function slicewiseAlive(pid: number): boolean {
-  if (!alive(pid)) return false;
+  if (!processAlive(pid)) return false;
   try {
     return /node|slicewise/.test(readFileSync(`/proc/${pid}/cmdline`, 'utf8'));
   } catch {

@@ -21,7 +21,8 @@ function tempSuffix(what: 'tmp' | 'old'): string {
   return `.${what}-${HOST}-${process.pid}-${randomBytes(4).toString('hex')}`;
 }
 
-function processAlive(pid: number): boolean {
+/** Whether a process of this number exists on this host (one we may not signal counts). */
+export function processAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;
