@@ -24,12 +24,9 @@ async function dataDir(): Promise<string> {
   return dir;
 }
 
-/** The stand-in slicewise process on `dir`, once its server is up. */
-async function holder(dir: string): Promise<{ proc: ChildProcess; url: string; out: () => string }> {
+/** The stand-in slicewise process on `dir`, started. */
+function startHolder(dir: string): ChildProcess {
   const proc = spawn(process.execPath, ['--import', 'tsx', CHILD, dir], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  proc.stdout!.on('data', (d) => (out += d));
-  proc.stderr!.on('data', (d) => (out += d));
   // SIGTERM: the holder stops its server (a test that fails half-way must not leave one running).
   cleanups.push(async () => {
     if (proc.exitCode !== null || proc.signalCode !== null) return;
@@ -37,10 +34,19 @@ async function holder(dir: string): Promise<{ proc: ChildProcess; url: string; o
     proc.kill('SIGTERM');
     await gone;
   });
+  return proc;
+}
+
+/** The stand-in slicewise process on `dir`, once its server is up. */
+async function holder(dir: string): Promise<{ proc: ChildProcess; url: string; out: () => string }> {
+  const proc = startHolder(dir);
+  let out = '';
+  proc.stdout!.on('data', (d) => (out += d));
+  proc.stderr!.on('data', (d) => (out += d));
   const url = await new Promise<string>((res, rej) => {
     const timer = setTimeout(() => rej(new Error(`no URL from the holder in 30 s:\n${out}`)), 30_000);
     proc.stdout!.on('data', () => {
-      const m = /URL (\S+)/.exec(out);
+      const m = /^URL (\S+)$/m.exec(out);
       if (m) {
         clearTimeout(timer);
         res(m[1]!);
@@ -113,5 +119,32 @@ describe('a data dir private Redis', () => {
     const next = await startPrivateRedis(dir, { say: (l) => said.push(l) });
     await next.stop();
     expect(said).toEqual([]);
+  }, 60_000);
+
+  it('claimed by two slicewise processes at the same moment: one serves, the other is refused naming it', async () => {
+    const dir = await dataDir();
+    const procs = [startHolder(dir), startHolder(dir)];
+    const outcomes = await Promise.all(
+      procs.map(
+        (proc) =>
+          new Promise<{ url?: string; out: string }>((res) => {
+            let out = '';
+            const onData = (d: Buffer) => {
+              out += d;
+              const m = /^URL (\S+)$/m.exec(out);
+              if (m) res({ url: m[1], out });
+            };
+            proc.stdout!.on('data', onData);
+            proc.stderr!.on('data', onData);
+            proc.once('close', () => res({ out }));
+          }),
+      ),
+    );
+    const served = outcomes.filter((o) => o.url);
+    expect(served, outcomes.map((o) => o.out).join('\n---\n')).toHaveLength(1);
+    const refused = outcomes.find((o) => !o.url)!;
+    const winner = procs[outcomes.indexOf(served[0]!)]!;
+    expect(refused.out).toContain(`in use by another slicewise process (pid ${winner.pid}`);
+    expect(await answers(served[0]!.url!)).toBe(true);
   }, 60_000);
 });

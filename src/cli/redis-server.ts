@@ -1,6 +1,5 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import { mkdir, readFile, realpath, rm } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { Redis } from 'ioredis';
@@ -8,7 +7,7 @@ import { SliceWiseError } from '../lib/errors.ts';
 import { within } from '../queues/connection.ts';
 import { env } from '../env.ts';
 import { redisDir } from '../disk/layout.ts';
-import { processAlive, writeJsonAtomic } from '../lib/atomic.ts';
+import { claimRedisFiles } from './redis-owner.ts';
 
 export class RedisMissingError extends SliceWiseError {
   constructor(extra = '') {
@@ -102,89 +101,6 @@ async function launch(args: string[], url: string, logFile: string): Promise<Chi
   }
 }
 
-/** Who runs the private redis-server of a data dir: written beside its files once it is up, removed when it stops. */
-interface RedisOwner {
-  /** The slicewise process that started it. */
-  ownerPid: number;
-  redisPid: number;
-  port: number;
-}
-
-const OWNER_FILE = 'owner.json';
-
-/** Whether `pid` is a slicewise (node) process now, not one that took the number of one that has gone. */
-function slicewiseAlive(pid: number): boolean {
-  if (!processAlive(pid)) return false;
-  try {
-    return /node|slicewise/.test(readFileSync(`/proc/${pid}/cmdline`, 'utf8'));
-  } catch {
-    return true; // no /proc (not Linux): the pid alone decides
-  }
-}
-
-async function readOwner(dir: string): Promise<RedisOwner | undefined> {
-  try {
-    const o = JSON.parse(await readFile(join(dir, OWNER_FILE), 'utf8')) as Partial<RedisOwner>;
-    return Number.isInteger(o.ownerPid) && Number.isInteger(o.redisPid) && Number.isInteger(o.port) ? (o as RedisOwner) : undefined;
-  } catch {
-    return undefined;
-  }
-}
-
-/** A connection to the redis-server on `port` if it serves the files in `dir` (its CONFIG dir), else undefined. */
-async function serverOn(port: number, dir: string): Promise<Redis | undefined> {
-  const r = new Redis(`redis://127.0.0.1:${port}`, { lazyConnect: true, maxRetriesPerRequest: 0, retryStrategy: () => null, connectTimeout: 2000 });
-  r.on('error', () => {});
-  try {
-    await r.connect();
-    const [, served] = (await r.config('GET', 'dir')) as [string, string];
-    if (served && (await realpath(served)) === (await realpath(dir))) return r;
-  } catch {
-    // Nobody there, or not a Redis that answers CONFIG: not ours.
-  }
-  r.disconnect();
-  return undefined;
-}
-
-/**
- * Before a private redis-server starts on a data dir's Redis files, no other server may have them: two servers
- * appending to one AOF corrupt it. One whose slicewise process is still running means the data dir is in use
- * (refused, naming the process). One whose slicewise process is gone (killed with -9, so it could not stop it)
- * is an orphan: it is shut down, which writes its AOF out, and the new server starts from that.
- */
-async function takeOverRedisFiles(dir: string, say: (line: string) => void): Promise<void> {
-  const o = await readOwner(dir);
-  if (!o) return;
-  const server = await serverOn(o.port, dir);
-  if (!server) return;
-  if (o.ownerPid !== process.pid && slicewiseAlive(o.ownerPid)) {
-    server.disconnect();
-    throw new SliceWiseError(
-      `the data dir's private Redis (${dir}) is in use by another slicewise process (pid ${o.ownerPid}, its redis-server on port ${o.port}): ` +
-        'stop that one first, give this one another --data-dir, or point both at one Redis with REDIS_URL',
-      { status: 409, code: 'data_dir_in_use' },
-    );
-  }
-  // SHUTDOWN writes the AOF out and exits; the connection drops before any reply.
-  await server.call('SHUTDOWN').catch(() => {});
-  server.disconnect();
-  const deadline = Date.now() + 10_000;
-  let still = await serverOn(o.port, dir);
-  while (still && Date.now() < deadline) {
-    still.disconnect();
-    await new Promise((r) => setTimeout(r, 100));
-    still = await serverOn(o.port, dir);
-  }
-  if (still) {
-    still.disconnect();
-    throw new SliceWiseError(`an orphaned private redis-server on port ${o.port} (${dir}) did not shut down; stop it (pid ${o.redisPid}) and start again`, {
-      status: 503,
-      code: 'redis_unreachable',
-    });
-  }
-  say(`shut down a private redis-server (port ${o.port}) left running by slicewise process ${o.ownerPid}, which is gone; starting a new one from its AOF`);
-}
-
 /**
  * A private redis-server for one CLI invocation: loopback only, AOF on (a crash loses no queued job),
  * noeviction (BullMQ's requirement), data under the data dir so --skip-download runs see the same history.
@@ -192,6 +108,9 @@ async function takeOverRedisFiles(dir: string, say: (line: string) => void): Pro
  * Supervised: when it exits without being asked to, it is started again on the same port from the same dir,
  * so its AOF brings the queues back and the clients reconnect to it by themselves. More than three exits in a
  * minute, or a restart that does not come up, and the supervisor gives up (onGiveUp) with a reason.
+ *
+ * Its files are claimed first (redis-owner.ts): while another live slicewise process has them this refuses,
+ * naming it, and a server left on them by a process that is gone is shut down before this one starts.
  */
 export async function startPrivateRedis(dataDir: string, { say = () => {} }: { say?: (line: string) => void } = {}): Promise<PrivateRedis> {
   const dir = redisDir(dataDir);
@@ -200,14 +119,19 @@ export async function startPrivateRedis(dataDir: string, { say = () => {} }: { s
   const logFile = join(dir, 'redis.log');
   const args = ['--port', String(port), '--bind', '127.0.0.1', '--appendonly', 'yes', '--maxmemory-policy', 'noeviction', '--dir', dir, '--save', '', '--logfile', logFile];
   const url = `redis://127.0.0.1:${port}`;
-  await takeOverRedisFiles(dir, say);
-  const recordOwner = (p: ChildProcess) => writeJsonAtomic(join(dir, OWNER_FILE), { ownerPid: process.pid, redisPid: p.pid!, port } satisfies RedisOwner);
+  const claim = await claimRedisFiles(dir, port, say);
   let stopping = false;
   let gaveUp: SliceWiseError | undefined;
   const giveUpListeners: Array<(err: SliceWiseError) => void> = [];
   const exits: number[] = [];
-  let proc = await launch(args, url, logFile);
-  await recordOwner(proc);
+  let proc: ChildProcess;
+  try {
+    proc = await launch(args, url, logFile);
+  } catch (err) {
+    await claim.release();
+    throw err;
+  }
+  await claim.started(proc.pid!);
 
   const giveUp = (message: string, cause?: unknown) => {
     gaveUp = new SliceWiseError(message, { status: 503, code: 'redis_unreachable', cause });
@@ -239,7 +163,7 @@ export async function startPrivateRedis(dataDir: string, { say = () => {} }: { s
           return;
         }
         supervise(proc);
-        await recordOwner(proc);
+        await claim.started(proc.pid!);
         say(`the private redis-server is up again on port ${port} (pid ${proc.pid})`);
         return;
       } catch (err) {
@@ -253,6 +177,7 @@ export async function startPrivateRedis(dataDir: string, { say = () => {} }: { s
   const onExit = () => {
     stopping = true;
     proc.kill('SIGTERM');
+    claim.releaseSync();
   };
   process.once('exit', onExit);
 
@@ -272,7 +197,7 @@ export async function startPrivateRedis(dataDir: string, { say = () => {} }: { s
         await within(graceMs, exited);
         if (p.exitCode === null && p.signalCode === null) p.kill('SIGKILL');
       }
-      await rm(join(dir, OWNER_FILE), { force: true });
+      await claim.release();
     },
   };
 }
