@@ -105,8 +105,8 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
   const sandboxedQueues = new Set(Object.values(STEPS).filter((d) => d.sandboxed).map((d) => d.queue));
   const threadCount = Math.max(0, ...queues.filter((q) => sandboxedQueues.has(q)).map((q) => queueSettings(q, concurrency).concurrency));
   const threads = threadCount > 0 ? new StepThreadPool({ size: threadCount }) : undefined;
-  // The jobs this process is running, with the token that holds each one's lock: a cancel message finds its
-  // run's jobs here, and a forced stop hands them back with it.
+  // The jobs this process holds (taken from their queue, running or about to), with the token that holds each
+  // one's lock: a cancel message finds its run's jobs here, and a forced stop hands them back with it.
   const active = new Map<string, ActiveJob>();
   const workers: Worker[] = [];
   // BullMQ does not close connections it was handed, so this host keeps its own list and closes them itself.
@@ -150,6 +150,16 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
       { prefix: ctx.prefix, connection: conn(), maxStalledCount: 2, name: `${hostname()}:${process.pid}`, ...workerSettings(queueSettings(q, concurrency)) },
     );
     worker.on('error', onWorkerError(q));
+    // A job is ours from the moment BullMQ takes it (active in Redis under our lock), which comes a moment before
+    // the processor above is called, and may not be followed by it at all when the worker is stopped with force
+    // in between: a stop must count such a job ("finishing 2 job(s)", not 0) and a forced one hand it back.
+    worker.on('active', (job: Job) => {
+      const key = `${q}:${job.id}`;
+      if (!active.has(key)) active.set(key, { worker, job, token: job.token, runId: job.data?.runId });
+    });
+    const settled = (job: Job | undefined) => job && active.delete(`${q}:${job.id}`);
+    worker.on('completed', settled);
+    worker.on('failed', settled);
     workers.push(worker);
   }
 
