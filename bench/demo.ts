@@ -536,12 +536,12 @@ async function main(): Promise<void> {
   if (at >= 0) process.env.SLICEWISE_DEMO_ENGINE = process.argv[at + 1] ?? '';
   const result = await runDemoBench();
   printDemoTables(result);
-  await writeResult(resolve(here, demoResultFile(result.engine as string)), result);
+  await writeResult(resolve(here, 'results', demoResultFile(result.engine as string)), result);
 }
 
-/** Where a run's figures go: the default engine's in demo.json, tfjs's beside them (the figures before ONNX Runtime). */
+/** The results file of a run: the default engine's figures in demo.json, tfjs's beside them (the figures before ONNX Runtime). */
 export function demoResultFile(engine: string): string {
-  return engine === 'onnx' ? 'results/demo.json' : `results/demo-${engine}.json`;
+  return engine === 'onnx' ? 'demo.json' : `demo-${engine}.json`;
 }
 
 const invoked = process.argv[1] ? pathToFileURL(realpathSync(process.argv[1])).href : '';

@@ -39,7 +39,7 @@ export async function runBenchmarks({ only }: RunBenchmarksOptions = {}): Promis
   if (wanted('demo')) {
     const demo = await runDemoBench();
     printDemoTables(demo);
-    await writeResult(resolve(results, '..', demoResultFile(demo.engine as string)), demo);
+    await writeResult(resolve(results, demoResultFile(demo.engine as string)), demo);
   }
   if (wanted('queue')) {
     // 100 and 1,000 shards; 10,000 with `npx tsx bench/queue.ts --shards 100,1000,10000` (several minutes more).

@@ -110,7 +110,8 @@ export interface UNetModel {
   dispose(): void;
 }
 
-const BN_EPS = 1e-5;
+/** BatchNorm's epsilon (PyTorch's default); the ONNX export (serving/onnx-graph.ts) uses the same. */
+export const BN_EPS = 1e-5;
 const BN_MOMENTUM = 0.1;
 const DROPOUT = 0.5;
 

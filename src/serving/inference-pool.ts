@@ -18,7 +18,7 @@ const ENTRY = fileURLToPath(new URL('./inference-thread.mjs', import.meta.url));
 /** Replacements in a row that may fail to load before the pool stops replacing (a checkpoint deleted meanwhile, say). */
 const MAX_FAILED_RESTARTS = 3;
 
-export type EngineName = 'onnx' | 'tfjs';
+export type EngineName = EngineInfo['engine'];
 
 export interface InferenceThreadData {
   checkpoint: string;

@@ -30,11 +30,9 @@
  */
 import { endianness } from 'node:os';
 import protobuf from 'protobufjs';
-import type { UNetConfig, UNetModel } from '../model/unet.ts';
+import { BN_EPS, type UNetConfig, type UNetModel } from '../model/unet.ts';
 import { SliceWiseError } from '../lib/errors.ts';
 
-/** BatchNorm epsilon of unet.ts (BN_EPS there; PyTorch's default). */
-const BN_EPS = 1e-5;
 /** Opset 18: the first with Resize's `axes` attribute. */
 const OPSET = 18;
 /** IR version 8 goes with opsets 17-18 (onnx/docs/Versioning.md). */

@@ -138,12 +138,11 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
       async (job: Job, token?: string, signal?: AbortSignal) => {
         const def = STEPS[job.name as keyof typeof STEPS];
         if (!def || def.queue !== q) throw new UnrecoverableError(`the ${q} queue has no step named '${job.name}' in this version`);
-        const key = `${q}:${job.id}`;
-        active.set(key, { worker, job, token, runId: job.data?.runId });
+        // Counted since it was taken (the 'active' listener below); forgotten as soon as its step ends.
         try {
           return await executeStep(def, { ctx, job, token, signal, threads });
         } finally {
-          active.delete(key);
+          active.delete(`${q}:${job.id}`);
         }
       },
       // The name ends up on each job (processedBy): which host and process took it.
@@ -153,10 +152,7 @@ export async function startWorkers(ctx: AppContext, { queues = DEFAULT_WORKER_QU
     // A job is ours from the moment BullMQ takes it (active in Redis under our lock), which comes a moment before
     // the processor above is called, and may not be followed by it at all when the worker is stopped with force
     // in between: a stop must count such a job ("finishing 2 job(s)", not 0) and a forced one hand it back.
-    worker.on('active', (job: Job) => {
-      const key = `${q}:${job.id}`;
-      if (!active.has(key)) active.set(key, { worker, job, token: job.token, runId: job.data?.runId });
-    });
+    worker.on('active', (job: Job) => active.set(`${q}:${job.id}`, { worker, job, token: job.token, runId: job.data?.runId }));
     const settled = (job: Job | undefined) => job && active.delete(`${q}:${job.id}`);
     worker.on('completed', settled);
     worker.on('failed', settled);
