@@ -15,7 +15,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { gunzipSync } from 'node:zlib';
-import { printTable, writeResult } from 'tfjs-wasm-training/bench/table';
+import { median, printTable, writeResult } from 'tfjs-wasm-training/bench/table';
 import { preprocessPatient } from '../src/imaging/brats.js';
 import { discoverPatients, type PatientFiles } from '../src/imaging/layout.js';
 import { readNiftiRaw } from '../src/imaging/nifti.js';
@@ -27,12 +27,6 @@ const RUNS = 5;
 
 function fixturesRoot(): string {
   return env().fixtures ?? resolve(here, '../../shared/fixtures');
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
 /** Small deterministic generator for the synthetic volume. */

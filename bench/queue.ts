@@ -27,7 +27,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { Queue, QueueEvents, Worker, type Job } from 'bullmq';
 import pg from 'pg';
-import { printTable, writeResult } from 'tfjs-wasm-training/bench/table';
+import { median, printTable, writeResult } from 'tfjs-wasm-training/bench/table';
 import { startPrivateRedis, type PrivateRedis } from '../src/cli/redis-server.ts';
 import { createContext, type AppContext } from '../src/context.ts';
 import type { DbHandle } from '../src/db/client.ts';
@@ -91,6 +91,11 @@ export interface ScaleOutFigure {
    * inflate the next shard while its step thread computes), which a second process can then only share.
    */
   worker_cores_busy: number;
+  /**
+   * Shards per second of the worker processes' CPU time: what a shard costs them in CPU. Equal for one and two
+   * processes when nothing is lost to their sharing one Redis, one Postgres and one coordinator.
+   */
+  shards_per_cpu_second: number;
 }
 
 export interface QueueBenchResult {
@@ -111,6 +116,13 @@ export interface QueueBenchResult {
   scale_out_ratio_pinned?: number;
   /** Why that series is missing, when it is. */
   scale_out_pinned_note?: string;
+  /**
+   * Two processes' shards per CPU-second over one's (medians of the runs), as the OS places them and with a core
+   * each: 1.0 means the second process costs nothing in coordination, so the wall-time ratio is bounded only by
+   * the cores the processes get.
+   */
+  scale_out_cpu_efficiency?: number;
+  scale_out_cpu_efficiency_pinned?: number;
   /** The machine's own speed-up from a second core, before and after the scale-out runs (bench/machine.ts). */
   machine_speedup_ceiling?: number[];
   goal: { per_shard_ms: number; scale_out_ratio: number };
@@ -462,6 +474,7 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
               per_shard_ms: round(r.ms / CPU_BOUND_PATIENTS),
               first_shard_ms: Math.round(r.firstMs),
               worker_cores_busy: round(r.workerCpuMs / r.ms),
+              shards_per_cpu_second: round((CPU_BOUND_PATIENTS * 1000) / r.workerCpuMs, 1),
             });
             console.error(
               `queue bench: ${CPU_BOUND_PATIENTS} CPU-bound shards on ${procs} worker process(es)${pinned ? ', each on a core of its own' : ''}: ${(r.ms / 1000).toFixed(2)} s, ${(r.workerCpuMs / r.ms).toFixed(2)} cores busy`,
@@ -473,7 +486,9 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
         for (const f of fleets) await f.fleet.close();
       }
     }
-    const best = (p: number, pinned: boolean) => Math.min(...scale.filter((s) => s.processes === p && s.pinned === pinned).map((s) => s.ms));
+    const series = (p: number, pinned: boolean) => scale.filter((s) => s.processes === p && s.pinned === pinned);
+    const best = (p: number, pinned: boolean) => Math.min(...series(p, pinned).map((s) => s.ms));
+    const efficiency = (pinned: boolean) => round(median(series(2, pinned).map((s) => s.shards_per_cpu_second)) / median(series(1, pinned).map((s) => s.shards_per_cpu_second)));
     return {
       bench: 'queue',
       date: new Date().toISOString(),
@@ -492,7 +507,10 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
       ...(scale.length
         ? {
             scale_out_ratio: round(best(1, false) / best(2, false)),
-            ...(scale.some((f) => f.pinned) ? { scale_out_ratio_pinned: round(best(1, true) / best(2, true)) } : { scale_out_pinned_note: 'skipped: needs taskset (util-linux) and 2 cores' }),
+            scale_out_cpu_efficiency: efficiency(false),
+            ...(scale.some((f) => f.pinned)
+              ? { scale_out_ratio_pinned: round(best(1, true) / best(2, true)), scale_out_cpu_efficiency_pinned: efficiency(true) }
+              : { scale_out_pinned_note: 'skipped: needs taskset (util-linux) and 2 cores' }),
             machine_speedup_ceiling: ceiling,
           }
         : {}),
@@ -514,7 +532,7 @@ export function printQueueTables(r: QueueBenchResult): void {
   if (r.scale_out_note) console.log(`scale-out: ${r.scale_out_note}`);
   else {
     printTable([
-      [`CPU-bound shards (${CPU_BOUND.join(' x ')})`, 'shards', 'total ms', 'ms per shard', 'first shard ms', 'worker cores busy'],
+      [`CPU-bound shards (${CPU_BOUND.join(' x ')})`, 'shards', 'total ms', 'ms per shard', 'first shard ms', 'worker cores busy', 'shards per worker CPU-second'],
       ...r.scale_out.map((s) => [
         `${s.processes} worker process(es)${s.pinned ? ', a core each' : ''}`,
         String(s.shards),
@@ -522,11 +540,16 @@ export function printQueueTables(r: QueueBenchResult): void {
         s.per_shard_ms.toFixed(1),
         String(s.first_shard_ms),
         s.worker_cores_busy.toFixed(2),
+        s.shards_per_cpu_second.toFixed(1),
       ]),
     ]);
     console.log(
       `two processes / one (best of each): ${r.scale_out_ratio}x as the OS places them, ${r.scale_out_ratio_pinned ? `${r.scale_out_ratio_pinned}x` : `not measured (${r.scale_out_pinned_note})`} with a core each (goal ${r.goal.scale_out_ratio}x); ` +
         `the machine's own speed-up from its second core, before / after: ${(r.machine_speedup_ceiling ?? []).map((c) => `${c}x`).join(' / ')}`,
+    );
+    console.log(
+      `shards per worker CPU-second, two processes / one (medians): ${r.scale_out_cpu_efficiency}x as the OS places them` +
+        `${r.scale_out_cpu_efficiency_pinned ? `, ${r.scale_out_cpu_efficiency_pinned}x with a core each` : ''} (1.0: the second process costs no CPU in coordination)`,
     );
   }
 }

@@ -1,5 +1,5 @@
 /**
- * Console tables and JSON files of the benchmarks. Exported (tfjs-wasm-training/bench/table) so that the
+ * Console tables, JSON files and medians of the benchmarks. Exported (tfjs-wasm-training/bench/table) so that the
  * benchmarks of an application built on this package print alike and print through one implementation.
  */
 import { mkdir, writeFile } from 'node:fs/promises';
@@ -22,4 +22,11 @@ export async function writeResult(file: string, result: object): Promise<void> {
   await mkdir(dirname(file), { recursive: true });
   await writeFile(file, JSON.stringify(result, null, 2) + '\n');
   console.log(`\nwritten ${file}`);
+}
+
+/** The median of a non-empty list (the mean of the middle two for an even count). */
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }

@@ -34,7 +34,7 @@ import * as tf from '@tensorflow/tfjs';
 import { initBackend } from '../src/index.js';
 import { registerWasmTrainingKernels, unregisterWasmTrainingKernels, WASM_TRAINING_KERNELS } from '../src/wasm-kernels.js';
 import { initProbeParams, makeProbeBatch, PROBE_SMALL, probeConvFlops, probeLoss, type ProbeBatch } from '../src/probe-net.js';
-import { printTable, writeResult } from './table.js';
+import { median, printTable, writeResult } from './table.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const RESULT_MARK = '@@train-kernels-result@@';
@@ -95,11 +95,6 @@ export interface CaseResult {
   error?: string;
 }
 
-const median = (xs: number[]): number => {
-  const s = [...xs].sort((a, b) => a - b);
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
-};
 const round = (x: number, digits = 1): number => Math.round(x * 10 ** digits) / 10 ** digits;
 
 /** Runs one case in this process (the child side). */
