@@ -87,8 +87,9 @@ export interface ScaleOutFigure {
   first_shard_ms: number;
   /**
    * CPU time of the worker processes (all their threads) over the run's wall time: how many cores they kept busy.
-   * One process above 1.0 already uses part of the second core (its main thread and libuv's threads read and
-   * inflate the next shard while its step thread computes), which a second process can then only share.
+   * One process above 1.0 already uses part of the second core (its step thread reads, inflates and writes a
+   * shard's files at once through libuv's thread pool, alongside its computing, and V8's helper threads mark its
+   * heap), which a second process can then only share.
    */
   worker_cores_busy: number;
   /**
