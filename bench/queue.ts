@@ -7,7 +7,10 @@
  * - tiny shards (32 x 32 x 8 patients): what bookkeeping costs per shard, at 100 and 1,000 shards (10,000 with
  *   --shards), on the embedded PGlite and on a real Postgres;
  * - CPU-bound shards (bigger patients): two `slicewise worker --queues preprocess` processes against one
- *   (Postgres only: PGlite serves one process).
+ *   (Postgres only: PGlite serves one process);
+ * - the load wave at full size (the fault suite runs it scaled down): 20 runs created at once, 1,000 tiny shards in
+ *   all, three worker processes; how long it takes to drain, what is left in the queues, and the Redis memory under
+ *   the bench's prefix before, at its peak and after (Postgres only).
  *
  * The workers of a series start once and serve all its runs, after a warm-up run, as long-lived workers do; each
  * size has a dataset of its own, as a run discovers every patient of its source.
@@ -15,7 +18,7 @@
  * Redis: REDIS_URL, or a private redis-server started for the bench. Postgres: DATABASE_URL (a throwaway database
  * is created on that server and dropped after); without it the Postgres rows say so.
  *
- *   npx tsx bench/queue.ts [--shards 100,1000,10000] [--db pglite,postgres] [--no-scale-out]
+ *   npx tsx bench/queue.ts [--shards 100,1000,10000] [--db pglite,postgres] [--no-scale-out] [--no-load-wave]
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -37,10 +40,12 @@ import { redactPassword } from '../src/lib/redact.ts';
 import { createRedis } from '../src/queues/connection.ts';
 import { runPaths } from '../src/disk/layout.ts';
 import { createRun } from '../src/runs/service.ts';
+import { QUEUE_NAMES } from '../src/queues/names.ts';
 import { countPatients, getRunRow } from '../src/runs/store.ts';
 import { synthesize } from '../src/synth/index.ts';
 import { startWorkers, type WorkerHost } from '../src/workers/host.ts';
 import { freshDb, type DbKind } from '../test/helpers/db.ts';
+import { mb, redisFootprint, type RedisFootprint } from '../test/helpers/redis-footprint.ts';
 import { parallelSpeedup } from './machine.ts';
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -99,6 +104,23 @@ export interface ScaleOutFigure {
   shards_per_cpu_second: number;
 }
 
+export interface LoadWaveFigure {
+  runs: number;
+  shards: number;
+  worker_processes: number;
+  /** The runs' creation to the last of them finished. */
+  seconds: number;
+  shards_per_second: number;
+  runs_succeeded: number;
+  patients_done: number;
+  /** Jobs left in any queue afterwards, by state: all zero when the wave drained. */
+  left: Record<'waiting-children' | 'wait' | 'active' | 'delayed' | 'failed', number>;
+  /** Redis memory under the bench's prefix: its keys' MEMORY USAGE, before the wave, at its peak, after it. */
+  redis_before: RedisFootprint;
+  redis_peak: RedisFootprint;
+  redis_after: RedisFootprint;
+}
+
 export interface QueueBenchResult {
   bench: 'queue';
   date: string;
@@ -126,14 +148,22 @@ export interface QueueBenchResult {
   scale_out_cpu_efficiency_pinned?: number;
   /** The machine's own speed-up from a second core, before and after the scale-out runs (bench/machine.ts). */
   machine_speedup_ceiling?: number[];
+  load_wave?: LoadWaveFigure;
+  /** Why the load wave is missing, when it is. */
+  load_wave_note?: string;
   goal: { per_shard_ms: number; scale_out_ratio: number };
   [key: string]: unknown;
 }
 
 export interface QueueBenchOptions {
+  /** Tiny-shard run sizes (default [100, 1000]). */
   shards?: number[];
+  /** Databases for the tiny shards (default both). */
   dbs?: DbKind[];
+  /** Two worker processes against one on CPU-bound shards (default true; needs Postgres). */
   scaleOut?: boolean;
+  /** The full-size load wave (default true; needs Postgres). */
+  loadWave?: boolean;
 }
 
 const round = (x: number, digits = 2): number => Math.round(x * 10 ** digits) / 10 ** digits;
@@ -379,6 +409,84 @@ async function timedRun(
   }
 }
 
+const WAVE_RUNS = 20;
+const WAVE_SHARDS = 1000;
+const WAVE_PROCS = 3;
+/** Queue states that must all be empty once the wave has drained. */
+const LEFT_STATES = ['waiting-children', 'wait', 'active', 'delayed', 'failed'] as const;
+
+async function jobsLeft(ctx: AppContext): Promise<LoadWaveFigure['left']> {
+  const left = Object.fromEntries(LEFT_STATES.map((k) => [k, 0])) as LoadWaveFigure['left'];
+  for (const q of QUEUE_NAMES) {
+    const counts = await ctx.queues[q].getJobCounts(...LEFT_STATES);
+    for (const k of LEFT_STATES) left[k] += counts[k] ?? 0;
+  }
+  return left;
+}
+
+/**
+ * The load wave at full size: WAVE_RUNS data-only runs created at once on `fleet` (WAVE_PROCS preprocess worker
+ * processes), WAVE_SHARDS tiny shards in all. The fault suite (test/faults/load.faults.ts) asserts the same wave at
+ * a fifth of the size; here it is timed, and what it leaves in the queues and in Redis is reported.
+ */
+async function loadWave(fleet: Fleet, dataset: Dataset): Promise<LoadWaveFigure> {
+  const { ctx } = fleet;
+  const perRun = WAVE_SHARDS / WAVE_RUNS;
+  const before = await redisFootprint(ctx.redis, ctx.prefix);
+  let peak = before;
+  const t0 = Date.now();
+  const created = await Promise.all(
+    Array.from({ length: WAVE_RUNS }, () =>
+      createRun(ctx, {
+        mode: 'data-only',
+        trainingMode: 'quick',
+        sources: { brats: dataset.brats, kaggle: dataset.kaggle },
+        overrides: { data: { image_size: 32, max_patients: perRun, patients: { fraction: 1 } } },
+      }),
+    ),
+  );
+  const ids = created.map((c) => c.run.id);
+  try {
+    let rows: Array<Awaited<ReturnType<typeof getRunRow>>>;
+    for (;;) {
+      rows = await Promise.all(ids.map((id) => getRunRow(ctx.db, id)));
+      const f = await redisFootprint(ctx.redis, ctx.prefix);
+      if (f.bytes > peak.bytes) peak = f;
+      const ended = rows.find((r) => r?.status === 'failed' || r?.status === 'cancelled');
+      if (ended) throw new Error(`load wave: run ${ended.id} ${ended.status}: ${ended.error}\n${fleet.out.join('')}`);
+      if (rows.every((r) => r?.status === 'succeeded')) break;
+      if (Date.now() - t0 > 600_000) throw new Error(`load wave: ${rows.filter((r) => r?.status !== 'succeeded').length} of ${WAVE_RUNS} runs still open after 10 minutes`);
+      await sleep(250);
+    }
+    // The runs' own finish times, not this loop's polling: the wave ends with the last of them.
+    const end = Math.max(...rows.map((r) => r!.finishedAt!.getTime()));
+    // A run's verdict comes before its finalize job is acknowledged: wait for the queues to empty (10 s at most).
+    let left = await jobsLeft(ctx);
+    for (const until = Date.now() + 10_000; Object.values(left).some((n) => n > 0) && Date.now() < until; ) {
+      await sleep(100);
+      left = await jobsLeft(ctx);
+    }
+    let patientsDone = 0;
+    for (const id of ids) patientsDone += (await countPatients(ctx.db, id)).done;
+    const seconds = (end - t0) / 1000;
+    return {
+      runs: WAVE_RUNS,
+      shards: WAVE_SHARDS,
+      worker_processes: WAVE_PROCS,
+      seconds: round(seconds, 1),
+      shards_per_second: round(WAVE_SHARDS / seconds, 0),
+      runs_succeeded: rows.filter((r) => r?.status === 'succeeded').length,
+      patients_done: patientsDone,
+      left,
+      redis_before: before,
+      redis_peak: peak,
+      redis_after: await redisFootprint(ctx.redis, ctx.prefix),
+    };
+  } finally {
+    for (const id of ids) await rm(runPaths(fleet.dataDir, id).root, { recursive: true, force: true });
+  }
+}
+
 async function postgresServer(): Promise<{ url?: string; note?: string }> {
   const url = env().databaseUrl;
   if (!url) return { note: 'DATABASE_URL is not set: no Postgres figures (set it to a server where the role may create databases)' };
@@ -394,7 +502,7 @@ async function postgresServer(): Promise<{ url?: string; note?: string }> {
   }
 }
 
-export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'postgres'], scaleOut = true }: QueueBenchOptions = {}): Promise<QueueBenchResult> {
+export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'postgres'], scaleOut = true, loadWave: wave = true }: QueueBenchOptions = {}): Promise<QueueBenchResult> {
   const work = await mkdtemp(join(tmpdir(), 'slicewise-bench-'));
   let privateRedis: PrivateRedis | undefined;
   try {
@@ -487,6 +595,21 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
         for (const f of fleets) await f.fleet.close();
       }
     }
+    let waveFigure: LoadWaveFigure | undefined;
+    let waveNote: string | undefined;
+    if (!wave) waveNote = 'skipped (--no-load-wave)';
+    else if (!server.url) waveNote = 'needs Postgres (PGlite serves one process); set DATABASE_URL';
+    else {
+      const data = await makeDataset(join(dataDir, 'bench-sources', 'wave'), WAVE_SHARDS / WAVE_RUNS, TINY);
+      const fleet = await startFleet({ kind: 'postgres', serverUrl: server.url, redisUrl, dataDir, preprocessProcs: WAVE_PROCS });
+      try {
+        await timedRun(fleet, { dataset: data, shards: 10, imageSize: 32 });
+        waveFigure = await loadWave(fleet, data);
+        console.error(`queue bench: load wave of ${WAVE_RUNS} runs drained in ${waveFigure.seconds} s`);
+      } finally {
+        await fleet.close();
+      }
+    }
     const series = (p: number, pinned: boolean) => scale.filter((s) => s.processes === p && s.pinned === pinned);
     const best = (p: number, pinned: boolean) => Math.min(...series(p, pinned).map((s) => s.ms));
     const efficiency = (pinned: boolean) => round(median(series(2, pinned).map((s) => s.shards_per_cpu_second)) / median(series(1, pinned).map((s) => s.shards_per_cpu_second)));
@@ -515,6 +638,7 @@ export async function runQueueBench({ shards = [100, 1000], dbs = ['pglite', 'po
             machine_speedup_ceiling: ceiling,
           }
         : {}),
+      ...(waveFigure ? { load_wave: waveFigure } : { load_wave_note: waveNote }),
       goal: { per_shard_ms: 3, scale_out_ratio: 1.8 },
     };
   } finally {
@@ -553,6 +677,21 @@ export function printQueueTables(r: QueueBenchResult): void {
         `${r.scale_out_cpu_efficiency_pinned ? `, ${r.scale_out_cpu_efficiency_pinned}x with a core each` : ''} (1.0: the second process costs no CPU in coordination)`,
     );
   }
+  console.log('');
+  const w = r.load_wave;
+  if (!w) console.log(`load wave: ${r.load_wave_note}`);
+  else {
+    const fp = (f: RedisFootprint) => `${f.keys} keys, ${mb(f.bytes)}`;
+    console.log(
+      `load wave: ${w.runs} runs created at once, ${w.shards} tiny shards, ${w.worker_processes} worker processes: drained in ${w.seconds} s (${w.shards_per_second} shards/s); ` +
+        `${w.runs_succeeded} of ${w.runs} runs succeeded, ${w.patients_done} patients done in Postgres`,
+    );
+    console.log(`  left in the queues: ${LEFT_STATES.map((k) => `${k} ${w.left[k]}`).join(', ')}`);
+    console.log(
+      `  Redis under the bench's prefix: before ${fp(w.redis_before)}; peak ${fp(w.redis_peak)}; after ${fp(w.redis_after)} ` +
+        `(event streams ${mb(w.redis_after.streamBytes)}; jobs kept by the retention policy ${JSON.stringify(w.redis_after.jobs)})`,
+    );
+  }
 }
 
 function parseArgs(args: string[]): QueueBenchOptions {
@@ -562,7 +701,8 @@ function parseArgs(args: string[]): QueueBenchOptions {
     if (a === '--shards') o.shards = args[++i]!.split(',').map(Number);
     else if (a === '--db') o.dbs = args[++i]!.split(',') as DbKind[];
     else if (a === '--no-scale-out') o.scaleOut = false;
-    else throw new Error(`unknown argument ${a} (usage: bench/queue.ts [--shards 100,1000,10000] [--db pglite,postgres] [--no-scale-out])`);
+    else if (a === '--no-load-wave') o.loadWave = false;
+    else throw new Error(`unknown argument ${a} (usage: bench/queue.ts [--shards 100,1000,10000] [--db pglite,postgres] [--no-scale-out] [--no-load-wave])`);
   }
   if (o.shards?.some((n) => !Number.isInteger(n) || n < 1)) throw new Error('--shards takes positive integers, e.g. --shards 100,1000,10000');
   return o;

@@ -6,8 +6,8 @@
  * be in Postgres, and Redis must come back near where it started: finished jobs are trimmed by the retention
  * policy (src/queues/retention.ts), so what stays is bounded by the policy, not by the load.
  *
- * Redis is shared with other tests, so its memory is measured over this test's own keys (MEMORY USAGE of every
- * key under the prefix), not with INFO.
+ * Redis is shared with other tests, so its memory is measured over this test's own keys (redisFootprint), not
+ * with INFO. The queue bench (bench/queue.ts) runs the same wave at full size and prints the same figures.
  */
 import { join } from 'node:path';
 import type { Queue } from 'bullmq';
@@ -18,6 +18,7 @@ import { QUEUE_NAMES } from '../../src/queues/names.ts';
 import { SHARD_RETENTION, STEP_RETENTION } from '../../src/queues/retention.ts';
 import { stepsForMode } from '../../src/runs/modes.ts';
 import { synthesize } from '../../src/synth/index.ts';
+import { mb, redisFootprint, type RedisFootprint } from '../helpers/redis-footprint.ts';
 import { harness, json, postRun, TEST_REDIS_URL, type Harness } from '../helpers/services.ts';
 import { startWorkerProcess, type Proc } from './procs.ts';
 
@@ -29,45 +30,7 @@ const DATA_STEPS = stepsForMode('data-only').length;
 /** The full-size wave needs longer than the suite's default on a 2-core machine. */
 const WAVE_TIMEOUT_MS = Math.max(240_000, TOTAL_PATIENTS * 700);
 
-interface RedisFootprint {
-  keys: number;
-  bytes: number;
-  /** Job hashes per queue (<prefix>:<queue>:<id>, with no further ':' part). */
-  jobs: Record<string, number>;
-  streamBytes: number;
-}
-
-async function footprint(h: Harness): Promise<RedisFootprint> {
-  const keys: string[] = [];
-  let cursor = '0';
-  do {
-    const [next, batch] = await h.ctx.redis.scan(cursor, 'MATCH', `${h.ctx.prefix}:*`, 'COUNT', 1000);
-    cursor = next;
-    keys.push(...batch);
-  } while (cursor !== '0');
-  let bytes = 0;
-  let streamBytes = 0;
-  const jobs: Record<string, number> = Object.fromEntries(QUEUE_NAMES.map((q) => [q, 0]));
-  for (let i = 0; i < keys.length; i += 500) {
-    const chunk = keys.slice(i, i + 500);
-    const pipe = h.ctx.redis.pipeline();
-    for (const k of chunk) pipe.memory('USAGE', k, 'SAMPLES', '0');
-    const res = (await pipe.exec()) ?? [];
-    chunk.forEach((k, j) => {
-      const b = Number(res[j]?.[1] ?? 0);
-      bytes += b;
-      if (k.endsWith(':events')) streamBytes += b;
-    });
-  }
-  for (const k of keys) {
-    const parts = k.split(':');
-    // Job ids here are <run>.<step>[.<shard>]: the queue's own keys (wait, meta, events...) have no '.' in that place.
-    if (parts.length === 3 && parts[2]!.startsWith('run-')) jobs[parts[1]!] = (jobs[parts[1]!] ?? 0) + 1;
-  }
-  return { keys: keys.length, bytes, jobs, streamBytes };
-}
-
-const mb = (b: number) => `${(b / 1024 / 1024).toFixed(2)} MB`;
+const footprint = (h: Harness): Promise<RedisFootprint> => redisFootprint(h.ctx.redis, h.ctx.prefix);
 
 describe(`a load wave: ${RUNS} runs at once, ${RUNS * PER_RUN} patient shards, 3 preprocess worker processes`, () => {
   let h: Harness;
