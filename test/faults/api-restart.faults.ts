@@ -38,8 +38,8 @@ async function http(url: string, init: RequestInit = {}): Promise<{ status: numb
   return { status: res.status, headers: res.headers, body: text ? JSON.parse(text) : null };
 }
 
-async function sources(h: Harness, count: number) {
-  const r = await synthesize({ out: join(h.dataDir, 'incoming'), patients: count, size: [32, 32, 8], kaggleYes: 3, kaggleNo: 3 });
+async function sources(h: Harness, count: number, size: [number, number, number] = [32, 32, 8]) {
+  const r = await synthesize({ out: join(h.dataDir, 'incoming'), patients: count, size, kaggleYes: 3, kaggleNo: 3 });
   return { body: { mode: 'data-only', sources: { brats: `path:${r.bratsDir}`, kaggle: `path:${r.kaggleDir}` }, overrides: { data: { image_size: IMAGE_SIZE, patients: { fraction: 1 } } } }, ids: r.patients };
 }
 
@@ -71,8 +71,10 @@ describe('the API process restarted', () => {
   it('kill -9 in the middle of a run: the run completes, and the restarted API shows it right', async () => {
     const s = await scene();
     const { h } = s;
-    const n = 60;
-    const src = await sources(h, n);
+    // Enough work that the run is still preprocessing for a second or two: 60 tiny patients took 0.6 s in all, and
+    // the test once found the run over before it saw any patient done (their rows are written every 250 ms).
+    const n = 120;
+    const src = await sources(h, n, [96, 96, 48]);
     const port = await freePort();
     const [first] = await Promise.all([api(s, port), worker(s)]);
     const created = await http(`${first.url}/runs`, { method: 'POST', body: JSON.stringify(src.body) });
