@@ -104,6 +104,9 @@ export interface ScaleOutFigure {
   shards_per_cpu_second: number;
 }
 
+/** Queue states that must all be empty once the load wave has drained (the ones its fault test checks). */
+const LEFT_STATES = ['waiting-children', 'wait', 'active', 'delayed', 'prioritized', 'failed'] as const;
+
 export interface LoadWaveFigure {
   runs: number;
   shards: number;
@@ -114,7 +117,7 @@ export interface LoadWaveFigure {
   runs_succeeded: number;
   patients_done: number;
   /** Jobs left in any queue afterwards, by state: all zero when the wave drained. */
-  left: Record<'waiting-children' | 'wait' | 'active' | 'delayed' | 'failed', number>;
+  left: Record<(typeof LEFT_STATES)[number], number>;
   /** Redis memory under the bench's prefix: its keys' MEMORY USAGE, before the wave, at its peak, after it. */
   redis_before: RedisFootprint;
   redis_peak: RedisFootprint;
@@ -327,6 +330,16 @@ async function lastShardCompletion(ctx: AppContext, runId: string): Promise<numb
   }
 }
 
+/** Creates a data-only run whose preprocess_brats fans out `shards` patients of `dataset`. */
+function createDataRun(ctx: AppContext, { dataset, shards, imageSize }: { dataset: Dataset; shards: number; imageSize: number }) {
+  return createRun(ctx, {
+    mode: 'data-only',
+    trainingMode: 'quick',
+    sources: { brats: dataset.brats, kaggle: dataset.kaggle },
+    overrides: { data: { image_size: imageSize, max_patients: shards, patients: { fraction: 1 } } },
+  });
+}
+
 /** One data-only run on `fleet` whose preprocess_brats fans out `shards` patients of `dataset`. */
 async function timedRun(
   fleet: Fleet,
@@ -379,12 +392,7 @@ async function timedRun(
       pipelineWorker.off('completed', onCompleted);
     });
     const workerCpu0 = await fleet.procCpuMs();
-    const { run } = await createRun(ctx, {
-      mode: 'data-only',
-      trainingMode: 'quick',
-      sources: { brats: opts.dataset.brats, kaggle: opts.dataset.kaggle },
-      overrides: { data: { image_size: opts.imageSize, max_patients: opts.shards, patients: { fraction: 1 } } },
-    });
+    const { run } = await createDataRun(ctx, opts);
     runId = run.id;
     runDir = runPaths(fleet.dataDir, run.id).root;
     for (;;) {
@@ -412,8 +420,6 @@ async function timedRun(
 const WAVE_RUNS = 20;
 const WAVE_SHARDS = 1000;
 const WAVE_PROCS = 3;
-/** Queue states that must all be empty once the wave has drained. */
-const LEFT_STATES = ['waiting-children', 'wait', 'active', 'delayed', 'failed'] as const;
 
 async function jobsLeft(ctx: AppContext): Promise<LoadWaveFigure['left']> {
   const left = Object.fromEntries(LEFT_STATES.map((k) => [k, 0])) as LoadWaveFigure['left'];
@@ -435,16 +441,7 @@ async function loadWave(fleet: Fleet, dataset: Dataset): Promise<LoadWaveFigure>
   const before = await redisFootprint(ctx.redis, ctx.prefix);
   let peak = before;
   const t0 = Date.now();
-  const created = await Promise.all(
-    Array.from({ length: WAVE_RUNS }, () =>
-      createRun(ctx, {
-        mode: 'data-only',
-        trainingMode: 'quick',
-        sources: { brats: dataset.brats, kaggle: dataset.kaggle },
-        overrides: { data: { image_size: 32, max_patients: perRun, patients: { fraction: 1 } } },
-      }),
-    ),
-  );
+  const created = await Promise.all(Array.from({ length: WAVE_RUNS }, () => createDataRun(ctx, { dataset, shards: perRun, imageSize: 32 })));
   const ids = created.map((c) => c.run.id);
   try {
     let rows: Array<Awaited<ReturnType<typeof getRunRow>>>;
